@@ -207,6 +207,14 @@ class Backend(ABC):
                 out[index] = bytes(view[off - group.start : off - group.start + length])
         return out
 
+    def get_with_meta(self, name: str) -> tuple[bytes, ObjectMeta]:
+        """Read a whole object together with the etag of exactly those bytes.
+
+        Compare-and-swap needs this pairing: an etag from a separate HEAD may belong to a
+        newer version than the bytes read, which would turn a CAS into a lost update.
+        """
+        return self._get_with_meta(validate_name(name))
+
     def head(self, name: str) -> ObjectMeta:
         return self._head(validate_name(name))
 
@@ -267,6 +275,22 @@ class Backend(ABC):
 
     @abstractmethod
     def _get(self, name: str, offset: int, length: int | None) -> bytes: ...
+
+    def _get_with_meta(self, name: str) -> tuple[bytes, ObjectMeta]:
+        """Fallback: HEAD, GET, HEAD until the etag is stable around the read.
+
+        Sound because every driver's etag changes whenever the bytes do; drivers whose GET
+        returns the etag (S3, minio, file via fstat) override this with one request.
+        """
+        for _attempt in range(20):
+            before = self._head(name)
+            data = self._get(name, 0, None)
+            after = self._head(name)
+            if before.etag == after.etag and len(data) == after.size:
+                return data, after
+        from piecestore.errors import ConflictError
+
+        raise ConflictError(f"{name!r} in {self.display_url} kept changing while being read; retry later")
 
     def _get_groups(self, name: str, spans: list[tuple[int, int]]) -> list[bytes]:
         """Fetch already-coalesced spans; drivers with concurrency override this."""

@@ -98,6 +98,9 @@ class MemoryBackend(Backend):
     def _head(self, name: str) -> ObjectMeta:
         return self._lookup(name)[1]
 
+    def _get_with_meta(self, name: str) -> tuple[bytes, ObjectMeta]:
+        return self._lookup(name)
+
     def _list(self, prefix: str) -> Iterator[ObjectMeta]:
         full = self._prefix + prefix
         with self._space.lock:

@@ -210,3 +210,14 @@ def test_prefix_isolates_stores(driver: str, store_url: str) -> None:
         b.put("k", b"b")
         assert a.get("k") == b"a" and b.get("k") == b"b"
         assert [m.name for m in a.list()] == ["k"]
+
+
+def test_get_with_meta_pairs_bytes_and_etag(backend: Backend) -> None:
+    first = backend.put("gm", b"one")
+    data, meta = backend.get_with_meta("gm")
+    assert data == b"one" and meta.etag == first.etag and meta.size == 3
+    second = backend.put("gm", b"two!")
+    data, meta = backend.get_with_meta("gm")
+    assert data == b"two!" and meta.etag == second.etag
+    with pytest.raises(NotFoundError):
+        backend.get_with_meta("gm-missing")
