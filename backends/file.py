@@ -360,14 +360,14 @@ class FileBackend(Backend):
         )
 
     # -- walking ---------------------------------------------------------------------------
-    def _walk(self, name: str, dirs: list[str], *, create: bool) -> list[int]:
+    def _walk(self, name: str, dirs: list[str], *, create: bool, start: int = -1) -> list[int]:
         """Open each directory component without following symlinks; the caller closes them.
 
         Raises FileNotFoundError when a component is missing (or vanished under a concurrent
         delete while creating), so writers can retry.
         """
         chain: list[int] = []
-        cur = self._root_fd
+        cur = self._root_fd if start < 0 else start
         try:
             for comp in dirs:
                 for _ in range(_RETRIES):
@@ -489,7 +489,7 @@ class FileBackend(Backend):
         for key, what in found:
             if isinstance(what, list):
                 try:
-                    chain = self._walk(key, what, create=False)
+                    chain = self._walk(key, what, create=False, start=fd)
                 except FileNotFoundError:
                     continue  # removed since the scan
                 except PieceStoreError:
