@@ -8,6 +8,8 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,7 +49,8 @@ def urls(n: int, prefix: str = "s3://pieces-") -> list[str]:
 
 def owners(r: Router, idx: np.ndarray) -> np.ndarray:
     """Route indexes -> target identities, to compare routers with different target lists."""
-    return np.array([t.identity for t in r.targets], dtype=object)[idx]
+    names: np.ndarray = np.array([t.identity for t in r.targets], dtype=object)[idx]
+    return names
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +288,7 @@ def test_targets_from_config() -> None:
     assert got is not None and [t.url for t in got] == ["s3://p-0", "s3://p-1", "s3://p-2"]
     got = targets_from_config(targets=["s3://a", ShardTarget("s3://b", 2)])
     assert got is not None and [(t.url, t.weight) for t in got] == [("s3://a", 1.0), ("s3://b", 2.0)]
+    bad: dict[str, Any]
     for bad in (
         {"shards": 2},
         {"template": "s3://p-{shard}"},
@@ -293,7 +297,7 @@ def test_targets_from_config() -> None:
         {"targets": []},
     ):
         with pytest.raises(ConfigError):
-            targets_from_config(**bad)  # type: ignore[arg-type]
+            targets_from_config(**bad)
 
 
 def test_bad_keys() -> None:
@@ -421,7 +425,7 @@ def test_check_matches_accepts_same_set_any_order_and_credentials() -> None:
     check_matches(None, [])
 
 
-def _mismatch(recorded: ShardLayout | None, configured: list[ShardTarget | str] | None) -> str:
+def _mismatch(recorded: ShardLayout | None, configured: Sequence[ShardTarget | str] | None) -> str:
     with pytest.raises(LayoutMismatchError) as info:
         check_matches(recorded, configured)
     msg = str(info.value)
