@@ -98,14 +98,12 @@ def _chunks(segment: str) -> list[str]:
 
 def physical_path(name: str) -> tuple[list[str], str]:
     """Map a valid name to (directory components, file name) below the root."""
-    segments = name.split("/")
     dirs: list[str] = []
-    for i, segment in enumerate(segments):
+    for segment in name.split("/"):
         chunks = _chunks(segment)
         dirs.extend(c + MORE_SUFFIX for c in chunks[:-1])
-        if i < len(segments) - 1:
-            dirs.append(chunks[-1])
-    return dirs, _chunks(segments[-1])[-1] + OBJ_SUFFIX
+        dirs.append(chunks[-1])
+    return dirs, dirs.pop() + OBJ_SUFFIX
 
 
 def _decode(chunk: str) -> str | None:
@@ -361,7 +359,8 @@ class FileBackend(Backend):
 
     # -- walking ---------------------------------------------------------------------------
     def _walk(self, name: str, dirs: list[str], *, create: bool, start: int = -1) -> list[int]:
-        """Open each directory component without following symlinks; the caller closes them.
+        """Open each directory component (from ``start``, default the root) without following
+        symlinks; the caller closes the returned descriptors.
 
         Raises FileNotFoundError when a component is missing (or vanished under a concurrent
         delete while creating), so writers can retry.
