@@ -418,7 +418,7 @@ def owners_changed(
     For resharding plans: exactly these keys must be copied. Accepts keys or their
     ``hash_keys`` array (hashed once for both routers).
     """
-    hashes = keys if isinstance(keys, np.ndarray) else hash_keys(keys)
+    hashes = keys if isinstance(keys, np.ndarray) and keys.dtype == np.uint64 else hash_keys(keys)
     old_idx = old.route_hashes(hashes)
     new_idx = new.route_hashes(hashes)
     remap = np.array([-1 if (j := new.index_of(t)) is None else j for t in old.targets], dtype=np.intp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -313,6 +314,18 @@ def test_bad_keys() -> None:
     with pytest.raises(InvalidKeyError):
         r.route_many("abc")
     assert r.route_many([]).shape == (0,)
+
+
+def test_numpy_string_keys_and_pickling() -> None:
+    r = Router([ShardTarget(u, 1.0 + i) for i, u in enumerate(urls(5))])
+    arr = np.array(KEYS[:1000])
+    assert (r.route_many(arr) == r.route_many(KEYS[:1000])).all()  # type: ignore[arg-type]
+    assert owners_changed(r, Router(urls(5)), arr).any()
+    clone = pickle.loads(pickle.dumps(r))
+    assert (clone.route_many(KEYS[:1000]) == r.route_many(KEYS[:1000])).all()
+    lay = ShardLayout.initial(r.targets)
+    assert pickle.loads(pickle.dumps(lay)) == lay
+    assert pickle.loads(pickle.dumps(lay.targets[0])).seed == lay.targets[0].seed
 
 
 def test_index_of() -> None:
