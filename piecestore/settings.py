@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from pydantic import (
@@ -53,6 +53,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic.config import ExtraValues
 from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
@@ -387,6 +388,31 @@ class Settings(BaseSettings):
                 _ACTIVE.reset(token)
 
     @classmethod
+    def model_validate(
+        cls,
+        obj: Any,
+        *,
+        strict: bool | None = None,
+        extra: ExtraValues | None = None,
+        from_attributes: bool | None = None,
+        context: Any | None = None,
+        by_alias: bool | None = None,
+        by_name: bool | None = None,
+    ) -> Self:
+        """Send dicts through ``__init__``: pydantic would wrap our ConfigError (a ValueError) otherwise."""
+        if isinstance(obj, Mapping):
+            return cls(**obj)
+        return super().model_validate(
+            obj,
+            strict=strict,
+            extra=extra,
+            from_attributes=from_attributes,
+            context=context,
+            by_alias=by_alias,
+            by_name=by_name,
+        )
+
+    @classmethod
     def settings_customise_sources(
         cls,
         settings_cls: type[BaseSettings],
@@ -625,7 +651,8 @@ def _resolve_config_file(config_file: str | Path | None) -> tuple[Path | None, s
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(
-                f"config file {str(config_file)!r} does not exist (passed as config_file); fix the path"
+                f"config file {str(config_file)!r} does not exist or is not a file (passed as config_file); "
+                "fix the path"
             )
         return path, str(config_file)
     named = os.environ.get(CONFIG_ENV)

@@ -130,6 +130,9 @@ def test_settings_constructor_reads_env_and_file(monkeypatch: pytest.MonkeyPatch
     assert s.gc.grace_seconds == 5 and s.cache.disk_dir == "/var/cache/p"
     with pytest.raises(ConfigError, match=r"gc\.dead_fraction: must be > 0"):
         Settings(gc={"dead_fraction": 0})
+    with pytest.raises(ConfigError, match=r"gc\.dead_fraction: must be > 0"):
+        Settings.model_validate({"gc": {"dead_fraction": 0}})
+    assert Settings.model_validate({"gc": {"dead_fraction": 1}}).gc.dead_fraction == 1
 
 
 # ---------------------------------------------------------------------------- keyword overrides
