@@ -299,7 +299,8 @@ class FileBackend(Backend):
             return 2_000_000_000
         finally:
             os.close(fd)
-            os.unlink(name, dir_fd=self._tmp_fd)
+            with contextlib.suppress(FileNotFoundError):  # an eager sweep_temp(0) elsewhere
+                os.unlink(name, dir_fd=self._tmp_fd)
 
     def sweep_temp(self, older_than: float = TEMP_GRACE_SECONDS) -> int:
         """Remove temp files of writers that died (unlocked and old); returns how many."""
