@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, NoReturn, Self
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from pydantic import (
@@ -1298,7 +1298,7 @@ def _mask_url_password(url: str) -> str:
 # error messages
 
 
-def _conflict(message: str, *keys: str) -> None:
+def _conflict(message: str, *keys: str) -> NoReturn:
     raise PydanticCustomError("settings_conflict", "{message}", {"message": message, "keys": ",".join(keys)})
 
 
