@@ -60,7 +60,9 @@ def open_backend(url: str, **options: Any) -> Backend:
         from piecestore.backends.minio import from_url as minio_from_url
 
         return minio_from_url(parts, options)
-    raise ConfigError(f"unknown storage scheme {parts.scheme!r} in store URL; use one of {', '.join(SCHEMES)}")
+    raise ConfigError(
+        f"unknown storage scheme {parts.scheme!r} in store URL; use one of {', '.join(SCHEMES)}"
+    )
 
 
 def _no_more_options(driver: str, options: dict[str, Any]) -> None:

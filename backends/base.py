@@ -7,6 +7,7 @@ every driver; drivers implement only the underscored primitives. That keeps the 
 
 from __future__ import annotations
 
+import builtins
 import io
 import threading
 from abc import ABC, abstractmethod
@@ -189,8 +190,19 @@ class Backend(ABC):
             return b""
         return self._get(name, offset, length)
 
-    def get_ranges(self, name: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Read several (offset, length) ranges, merging nearby ones into single requests."""
+    def get_ranges(
+        self,
+        name: str,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        gap: int | None = None,
+        max_request: int | None = None,
+    ) -> list[bytes]:
+        """Read several (offset, length) ranges, merging nearby ones into single requests.
+
+        ``gap`` and ``max_request`` override the driver's defaults for how close two ranges
+        must be to share a request, and how large one request may grow.
+        """
         name = validate_name(name)
         checked = [(o, n) for o, n in (validate_range(o, n) for o, n in ranges) if n is not None]
         if len(checked) != len(ranges):
@@ -198,11 +210,15 @@ class Backend(ABC):
         if not checked:
             return []
         caps = self.capabilities
-        groups = coalesce_ranges(checked, caps.coalesce_gap, caps.max_request_bytes)
+        groups = coalesce_ranges(
+            checked,
+            caps.coalesce_gap if gap is None else gap,
+            caps.max_request_bytes if max_request is None else max_request,
+        )
         blobs = self._get_groups(name, [(g.start, g.end - g.start) for g in groups])
         out: list[bytes] = [b""] * len(checked)
         for group, blob in zip(groups, blobs, strict=True):
-            view = memoryview(blob)
+            view: memoryview = memoryview(blob)
             for index, off, length in group.members:
                 out[index] = bytes(view[off - group.start : off - group.start + length])
         return out
@@ -292,7 +308,7 @@ class Backend(ABC):
 
         raise ConflictError(f"{name!r} in {self.display_url} kept changing while being read; retry later")
 
-    def _get_groups(self, name: str, spans: list[tuple[int, int]]) -> list[bytes]:
+    def _get_groups(self, name: str, spans: builtins.list[tuple[int, int]]) -> builtins.list[bytes]:
         """Fetch already-coalesced spans; drivers with concurrency override this."""
         return [self._get(name, off, length) for off, length in spans]
 
@@ -305,7 +321,7 @@ class Backend(ABC):
     @abstractmethod
     def _delete(self, name: str) -> None: ...
 
-    def _delete_many(self, names: list[str]) -> None:
+    def _delete_many(self, names: builtins.list[str]) -> None:
         for name in names:
             self._delete(name)
 

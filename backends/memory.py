@@ -53,7 +53,9 @@ class MemoryBackend(Backend):
     scheme = "memory"
 
     def __init__(self, space: str, *, prefix: str = "", read_only: bool = False) -> None:
-        super().__init__(display_url=f"memory://{space}" + (f"/{prefix}" if prefix else ""), read_only=read_only)
+        super().__init__(
+            display_url=f"memory://{space}" + (f"/{prefix}" if prefix else ""), read_only=read_only
+        )
         self._space = _space(space)
         self._prefix = f"{prefix}/" if prefix else ""
 

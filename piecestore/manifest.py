@@ -1,0 +1,198 @@
+"""The manifest: the store's only mutable object, changed by compare-and-swap.
+
+Why one root object with If-Match rather than numbered create-if-absent manifests: a
+numbered scheme must prune old numbers, and once number N is pruned a writer stalled on a
+view older than N can "create" it again and believe a lost commit succeeded. With one root,
+the etag of the exact bytes read (``get_with_meta``) is the CAS token and it covers every
+field, so no field can be updated without a conflict being seen (the NBS lost-update bug).
+The first commit uses create-if-absent, so two processes opening an empty store race safely.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from piecestore.backends import Backend, IfMatch
+from piecestore.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    CorruptionError,
+    NotFoundError,
+    PreconditionFailedError,
+)
+
+MANIFEST_NAME = "manifest.json"
+TABLES_PREFIX = "tables/"
+BLOBS_PREFIX = "blobs/"
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """What a reader needs to load a table's index with one suffix read, and what GC needs."""
+
+    name: str
+    count: int
+    size: int
+    index_bytes: int
+    keys_bytes: int
+    live_bytes: int
+    # bytes of records shadowed by newer tables or tombstones; GC keeps this estimate
+    dead_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "count": self.count, "size": self.size, "index_bytes": self.index_bytes,
+            "keys_bytes": self.keys_bytes, "live_bytes": self.live_bytes, "dead_bytes": self.dead_bytes,
+        }  # fmt: skip
+
+    @staticmethod
+    def from_json(obj: dict[str, Any]) -> TableSpec:
+        return TableSpec(
+            name=str(obj["name"]), count=int(obj["count"]), size=int(obj["size"]),
+            index_bytes=int(obj["index_bytes"]), keys_bytes=int(obj["keys_bytes"]),
+            live_bytes=int(obj["live_bytes"]), dead_bytes=int(obj.get("dead_bytes", 0)),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDelete:
+    """An object that left the manifest; deleted by GC once older than the grace period."""
+
+    name: str
+    since: str  # ISO time, from the server clock where known (the manifest object's LastModified)
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "since": self.since}
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    version: int
+    store_id: str
+    tables: tuple[TableSpec, ...]  # newest first: on equal keys the earlier table wins
+    pending_deletes: tuple[PendingDelete, ...] = ()
+    gc_lease: dict[str, Any] | None = None
+    layout: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def empty() -> Manifest:
+        return Manifest(version=0, store_id=uuid.uuid4().hex, tables=())
+
+    def to_bytes(self) -> bytes:
+        body: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "version": self.version,
+            "store_id": self.store_id,
+            "tables": [t.to_json() for t in self.tables],
+            "pending_deletes": [p.to_json() for p in self.pending_deletes],
+            "gc_lease": self.gc_lease,
+            "layout": self.layout,
+            "extra": self.extra,
+        }
+        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+    @staticmethod
+    def from_bytes(data: bytes, where: str) -> Manifest:
+        try:
+            obj = json.loads(data)
+            if obj.get("format") != MANIFEST_FORMAT:
+                raise CorruptionError(
+                    f"manifest of {where} has format {obj.get('format')!r}; this piecestore reads format "
+                    f"{MANIFEST_FORMAT}: upgrade piecestore"
+                )
+            return Manifest(
+                version=int(obj["version"]),
+                store_id=str(obj["store_id"]),
+                tables=tuple(TableSpec.from_json(t) for t in obj["tables"]),
+                pending_deletes=tuple(
+                    PendingDelete(str(p["name"]), str(p["since"])) for p in obj["pending_deletes"]
+                ),
+                gc_lease=obj.get("gc_lease"),
+                layout=obj.get("layout"),
+                extra=dict(obj.get("extra") or {}),
+            )
+        except CorruptionError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptionError(
+                f"manifest of {where} is unreadable ({e}); run `piecestore fsck` and restore it from a backup"
+            ) from e
+
+    def table_names(self) -> set[str]:
+        return {t.name for t in self.tables}
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestView:
+    """A manifest together with the etag of the bytes it was parsed from (None: not yet created)."""
+
+    manifest: Manifest
+    etag: str | None
+    read_at: float
+
+
+Change = Callable[[Manifest], Manifest | None]
+
+
+class ManifestStore:
+    """Reads and commits the manifest of one store."""
+
+    def __init__(
+        self, backend: Backend, *, commit_retries: int = 50, sleep: Callable[[float], None] = time.sleep
+    ):
+        self.backend = backend
+        self.commit_retries = commit_retries
+        self._sleep = sleep
+        self.conflicts = 0  # lost CAS races, for profiling
+
+    def read(self) -> ManifestView:
+        try:
+            data, meta = self.backend.get_with_meta(MANIFEST_NAME)
+        except NotFoundError:
+            return ManifestView(Manifest.empty(), None, time.monotonic())
+        return ManifestView(Manifest.from_bytes(data, self.backend.display_url), meta.etag, time.monotonic())
+
+    def commit(self, change: Change, view: ManifestView | None = None) -> ManifestView:
+        """Apply ``change`` to the newest manifest and write it with CAS, rebasing on conflict.
+
+        ``change`` must be a pure function of the manifest it is given: after a lost race it
+        is re-applied to the winner's manifest. Returning None means "nothing to do" (e.g. a
+        compaction whose inputs another process already replaced).
+        """
+        current = view if view is not None else self.read()
+        for attempt in range(self.commit_retries + 1):
+            updated = change(current.manifest)
+            if updated is None:
+                return current
+            updated = replace(updated, version=current.manifest.version + 1)
+            data = updated.to_bytes()
+            try:
+                if current.etag is None:
+                    meta = self.backend.put(MANIFEST_NAME, data, mode="create")
+                else:
+                    meta = self.backend.put(MANIFEST_NAME, data, mode=IfMatch(current.etag))
+            except (PreconditionFailedError, AlreadyExistsError, NotFoundError):
+                self.conflicts += 1
+                # Jittered backoff keeps many contending writers from retrying in lockstep.
+                self._sleep(random.uniform(0, min(0.05, 0.002 * 2 ** min(attempt, 5))))
+                current = self.read()
+                continue
+            return ManifestView(updated, meta.etag, time.monotonic())
+        raise ConflictError(
+            f"manifest of {self.backend.display_url} kept changing: "
+            f"{self.commit_retries} commit attempts lost "
+            "to other writers; raise engine.commit_retries or reduce the number of writers"
+        )
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()

@@ -1,0 +1,563 @@
+"""PieceStore: the piece engine over one backend (one shard).
+
+Writes: pieces collect in a group-commit batch, become one immutable table file (large
+pieces become their own object plus a small reference record), and are made durable by one
+compare-and-swap commit of the manifest. Reads: the newest table holding a key wins; records
+are checksum-verified on every read, so corrupt bytes raise instead of being returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import io
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+
+from piecestore.backends import Backend
+from piecestore.cache import ByteLRU
+from piecestore.errors import (
+    CorruptionError,
+    NotFoundError,
+    ReadOnlyError,
+    UnsupportedError,
+)
+from piecestore.groupcommit import GroupCommitter, Record
+from piecestore.keys import check_key, check_value
+from piecestore.manifest import BLOBS_PREFIX, Manifest, ManifestStore, ManifestView, TableSpec
+from piecestore.table import (
+    EXTERNAL,
+    TOMBSTONE,
+    VALUE,
+    BuiltTable,
+    build_table,
+    checksum,
+    decode_external,
+    decode_keys,
+    decode_record,
+    encode_external,
+    keys_span,
+    record_span,
+)
+from piecestore.tableindex import TableIndex
+from piecestore.tableset import TableSet, table_object
+
+if TYPE_CHECKING:
+    from piecestore.settings import Settings
+
+EXTERNAL_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PieceInfo:
+    key: str
+    size: int
+    checksum: int | None = None  # xxh3_64 of the value (packed) or None when not read
+    table: str | None = None  # table file holding the record; None while only buffered
+    external: bool = False  # stored as its own object (large piece)
+
+
+@dataclass(frozen=True, slots=True)
+class _Location:
+    spec: TableSpec
+    index: TableIndex
+    pos: int
+
+
+class PieceStore:
+    """A store of pieces on one backend. Thread-safe; any number of processes may share it."""
+
+    def __init__(self, backend: Backend, settings: Settings) -> None:
+        self.backend = backend
+        self.settings = settings
+        eng = settings.engine
+        self.url = backend.display_url
+        self._read_pool = ThreadPoolExecutor(eng.read_concurrency, thread_name_prefix="piecestore-read")
+        self._write_pool = ThreadPoolExecutor(eng.write_concurrency, thread_name_prefix="piecestore-write")
+        self.manifests = ManifestStore(backend, commit_retries=eng.commit_retries)
+        self.tables = TableSet(backend, self._read_pool)
+        self.cache = ByteLRU(settings.cache.memory_bytes)
+        self._keys_cache: dict[str, list[str]] = {}
+        self._view_lock = threading.Lock()
+        self._view: ManifestView = self.manifests.read()
+        self.tables.sync(self._view.manifest.tables)
+        self._closed = False
+        self._local = threading.local()
+        self._writable_reason = self._why_not_writable(settings)
+        self._committer = GroupCommitter(
+            self._flush_records,
+            linger=eng.flush_linger_ms / 1000.0,
+            flush_bytes=eng.flush_bytes,
+            flush_count=eng.flush_count,
+            buffered=settings.store.buffered_writes,
+        )
+
+    def _why_not_writable(self, settings: Settings) -> str | None:
+        if settings.store.read_only or self.backend.read_only:
+            return f"{self.url} is opened read-only; open it without read_only to write"
+        if not self.backend.capabilities.conditional_writes:
+            return (
+                f"{self.url} cannot do conditional writes (If-None-Match/If-Match), which the manifest "
+                "needs to keep concurrent writers from losing commits; use a backend that supports them"
+            )
+        return None
+
+    # -- writes --------------------------------------------------------------------------
+    def put(self, key: str, value: bytes | bytearray | memoryview | BinaryIO) -> PieceInfo:
+        """Store a piece; returns once it is durable (unless the store buffers writes)."""
+        key = check_key(key)
+        data = check_value(key, value)
+        self._check_writable()
+        record, info = self._prepare(key, data)
+        self._committer.submit({key: record}, wait=self._must_wait())
+        return info
+
+    def put_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[PieceInfo]:
+        """Store many pieces as one commit; all are validated before anything is written."""
+        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+        checked = [(check_key(k), v) for k, v in pairs]
+        values = [(k, check_value(k, v)) for k, v in checked]
+        self._check_writable()
+        records: dict[str, Record] = {}
+        infos: list[PieceInfo] = []
+        for key, data in values:
+            record, info = self._prepare(key, data)
+            records[key] = record
+            infos.append(info)
+        if records:
+            self._committer.submit(records, wait=self._must_wait(), urgent=True)
+        return infos
+
+    def delete(self, key: str) -> None:
+        """Delete a piece (a tombstone); deleting a missing piece is not an error."""
+        self.delete_many([key])
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        checked = [check_key(k) for k in keys]
+        self._check_writable()
+        if checked:
+            records: dict[str, Record] = {k: (TOMBSTONE, b"") for k in checked}
+            self._committer.submit(records, wait=self._must_wait(), urgent=True)
+
+    def flush(self) -> None:
+        """Everything put so far is durable when this returns."""
+        self._committer.flush()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[PieceStore]:
+        """Within the block this thread's writes return at once; on exit all are made durable."""
+        self._local.batch_depth = getattr(self._local, "batch_depth", 0) + 1
+        try:
+            yield self
+        finally:
+            self._local.batch_depth -= 1
+        if self._local.batch_depth == 0:
+            self.flush()
+
+    def _must_wait(self) -> bool:
+        return not self.settings.store.buffered_writes and not getattr(self._local, "batch_depth", 0)
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise ReadOnlyError(f"{self.url} is closed")
+        if self._writable_reason is not None:
+            if "read-only" in self._writable_reason:
+                raise ReadOnlyError(f"cannot write: {self._writable_reason}")
+            raise UnsupportedError(f"cannot write: {self._writable_reason}")
+
+    def _prepare(self, key: str, data: bytes | BinaryIO) -> tuple[Record, PieceInfo]:
+        limit = self.settings.engine.small_piece_max_bytes
+        if isinstance(data, bytes) and len(data) <= limit:
+            return (VALUE, data), PieceInfo(key, len(data), checksum(data))
+        stream = io.BytesIO(data) if isinstance(data, bytes) else data
+        head = stream.read(limit + 1)
+        if len(head) <= limit:
+            return (VALUE, head), PieceInfo(key, len(head), checksum(head))
+        return self._write_external(key, head, stream)
+
+    def _write_external(self, key: str, head: bytes, stream: BinaryIO) -> tuple[Record, PieceInfo]:
+        """Stream a large piece to its own object, checksumming each chunk on the way."""
+        reader = _ChunkSummer(head, stream, EXTERNAL_CHUNK)
+        name = f"{BLOBS_PREFIX}{uuid.uuid4().hex}"
+        self.backend.put(name, reader)  # type: ignore[arg-type]
+        payload = encode_external(name, reader.size, EXTERNAL_CHUNK, reader.sums)
+        return (EXTERNAL, payload), PieceInfo(key, reader.size, None, None, external=True)
+
+    def _flush_records(self, records: dict[str, Record]) -> None:
+        """Build table files from a batch, upload them, and commit them to the manifest."""
+        target = self.settings.engine.table_target_bytes
+        groups: list[list[tuple[str, int, bytes]]] = [[]]
+        size = 0
+        for key in sorted(records):
+            kind, payload = records[key]
+            if size > 0 and size + len(payload) > target:
+                groups.append([])
+                size = 0
+            groups[-1].append((key, kind, payload))
+            size += len(payload) + len(key)
+        built = [build_table(g) for g in groups]
+        list(self._write_pool.map(self._upload, built))
+        specs = [
+            TableSpec(b.name, b.count, len(b.data), b.index_bytes, b.keys_bytes, b.live_bytes) for b in built
+        ]
+        for spec, table in zip(specs, built, strict=True):
+            self.tables.add_built(spec, table.data[-table.index_bytes :])
+
+        def add_tables(m: Manifest) -> Manifest:
+            # Later groups hold later keys only, so their relative order is immaterial.
+            return Manifest(
+                m.version,
+                m.store_id,
+                tuple(specs) + m.tables,
+                m.pending_deletes,
+                m.gc_lease,
+                m.layout,
+                m.extra,
+            )
+
+        self._commit(add_tables)
+
+    def _upload(self, table: BuiltTable) -> None:
+        self.backend.put(table_object(table.name), table.data)
+
+    def _commit(self, change: Any) -> ManifestView:
+        view = self.manifests.commit(change, self._view)
+        self._install(view)
+        return view
+
+    def _install(self, view: ManifestView) -> None:
+        with self._view_lock:
+            if view.manifest.version < self._view.manifest.version:
+                return
+            self.tables.sync(view.manifest.tables)
+            self._view = view
+
+    # -- reads ---------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Pick up commits made by other processes."""
+        self._install(self.manifests.read())
+
+    def _maybe_refresh(self) -> None:
+        interval = self.settings.engine.refresh_interval_seconds
+        if interval >= 0 and time.monotonic() - self._view.read_at > interval:
+            self.refresh()
+
+    def _locate(self, key: str) -> _Location | None:
+        for spec, index in self.tables.snapshot():
+            positions = index.find(key)
+            if positions:
+                if len(positions) == 1:
+                    return _Location(spec, index, positions[0])
+                for pos in positions:  # 64-bit hash collision: compare the stored keys
+                    if self._read_record(_Location(spec, index, pos), None)[0] == key:
+                        return _Location(spec, index, pos)
+        return None
+
+    def _read_record(self, loc: _Location, key: str | None) -> tuple[str, int, bytes]:
+        cache_key = (loc.spec.name, loc.pos)
+        cached = self.cache.get(cache_key)
+        if cached is not None and key is not None:
+            return key, VALUE, cached
+        off, length = record_span(loc.index, loc.pos)
+        blob = self.backend.get(table_object(loc.spec.name), offset=off, length=length)
+        found_key, kind, payload = decode_record(loc.spec.name, blob, expect_key=key)
+        if kind == VALUE:
+            self.cache.put(cache_key, payload)
+        return found_key, kind, payload
+
+    def _resolve(self, key: str) -> tuple[int, bytes, _Location | None]:
+        """(kind, payload, location) of the newest record of key; NotFoundError if none."""
+        pending = self._committer.lookup(key)
+        if pending is not None:
+            return pending[0], pending[1], None
+        self._maybe_refresh()
+        for attempt in range(2):
+            loc = self._locate(key)
+            if loc is None:
+                break
+            try:
+                _, kind, payload = self._read_record(loc, key)
+                return kind, payload, loc
+            except NotFoundError:
+                if attempt:
+                    raise
+                self.refresh()  # the table left the manifest (compaction); look again
+        raise NotFoundError(f"piece {key[:80]!r} not found in {self.url}")
+
+    def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        """Read a piece, or a range of it; every byte returned passed its checksum."""
+        key = check_key(key)
+        if (
+            not isinstance(offset, int)
+            or offset < 0
+            or (length is not None and (not isinstance(length, int) or length < 0))
+        ):
+            from piecestore.errors import InvalidValueError
+
+            raise InvalidValueError(
+                f"offset must be an int >= 0 and length None or >= 0, got {offset!r}, {length!r}"
+            )
+        kind, payload, _ = self._resolve(key)
+        if kind == TOMBSTONE:
+            raise NotFoundError(f"piece {key[:80]!r} not found in {self.url} (deleted)")
+        if kind == EXTERNAL:
+            return self._read_external(key, payload, offset, length)
+        end = len(payload) if length is None else offset + length
+        return payload[offset:end]
+
+    def _read_external(self, key: str, payload: bytes, offset: int, length: int | None) -> bytes:
+        ref = decode_external(payload)
+        end = ref.size if length is None else min(ref.size, offset + length)
+        if offset >= end:
+            return b""
+        first, last = offset // ref.chunk_bytes, (end - 1) // ref.chunk_bytes
+        spans = [
+            (i * ref.chunk_bytes, min(ref.chunk_bytes, ref.size - i * ref.chunk_bytes))
+            for i in range(first, last + 1)
+        ]
+        try:
+            chunks = self.backend.get_ranges(ref.obj_name, spans)
+        except NotFoundError as e:
+            raise CorruptionError(
+                f"piece {key[:80]!r} in {self.url}: its object {ref.obj_name} is missing; "
+                "run `piecestore fsck`"
+            ) from e
+        for i, chunk in zip(range(first, last + 1), chunks, strict=True):
+            if len(chunk) != spans[i - first][1] or checksum(chunk) != ref.chunk_checksums[i]:
+                raise CorruptionError(
+                    f"piece {key[:80]!r} in {self.url}: chunk {i} of {ref.obj_name} fails its checksum"
+                )
+        joined = b"".join(chunks)
+        base = first * ref.chunk_bytes
+        return joined[offset - base : end - base]
+
+    def get_many(
+        self, keys: Iterable[str], *, missing: Literal["raise", "skip"] = "raise"
+    ) -> dict[str, bytes]:
+        """Read many pieces: grouped by table, nearby records fetched in one ranged request."""
+        wanted = list(dict.fromkeys(check_key(k) for k in keys))
+        if missing not in ("raise", "skip"):
+            from piecestore.errors import InvalidValueError
+
+            raise InvalidValueError(f"missing must be 'raise' or 'skip', got {missing!r}")
+        self._maybe_refresh()
+        out: dict[str, bytes] = {}
+        externals: dict[str, bytes] = {}
+        todo: list[str] = []
+        for key in wanted:
+            pending = self._committer.lookup(key)
+            if pending is None:
+                todo.append(key)
+            elif pending[0] == VALUE:
+                out[key] = pending[1]
+            elif pending[0] == EXTERNAL:
+                externals[key] = pending[1]
+        by_table: list[tuple[TableSpec, TableIndex, list[tuple[str, int]]]] = []
+        for spec, index in self.tables.snapshot():
+            if not todo:
+                break
+            found = index.find_many(todo)
+            hits: list[tuple[str, int]] = []
+            rest: list[str] = []
+            for key, positions in zip(todo, found, strict=True):
+                if positions:
+                    hits.extend((key, p) for p in positions)
+                else:
+                    rest.append(key)
+            if hits:
+                by_table.append((spec, index, hits))
+            todo = rest
+        results = self._read_pool.map(self._fetch_table_records, by_table)
+        for table_result in results:
+            for key, (kind, payload) in table_result.items():
+                if kind == VALUE:
+                    out[key] = payload
+                elif kind == EXTERNAL:
+                    externals[key] = payload
+        if externals:
+            fetched = self._read_pool.map(
+                lambda kv: (kv[0], self._read_external(kv[0], kv[1], 0, None)), externals.items()
+            )
+            out.update(dict(fetched))
+        if missing == "raise" and len(out) < len(wanted):
+            absent = [k for k in wanted if k not in out]
+            shown = ", ".join(repr(k[:60]) for k in absent[:5])
+            raise NotFoundError(
+                f"{len(absent)} of {len(wanted)} pieces not found in {self.url}: {shown}"
+                + (" ..." if len(absent) > 5 else "")
+                + "; pass missing='skip' to get the others"
+            )
+        return {k: out[k] for k in wanted if k in out}
+
+    def _fetch_table_records(
+        self, job: tuple[TableSpec, TableIndex, list[tuple[str, int]]]
+    ) -> dict[str, Record]:
+        spec, index, hits = job
+        result: dict[str, Record] = {}
+        need: list[tuple[str, int]] = []
+        for key, pos in hits:
+            cached = self.cache.get((spec.name, pos))
+            if cached is not None:
+                result[key] = (VALUE, cached)
+            else:
+                need.append((key, pos))
+        if not need:
+            return result
+        spans = [record_span(index, pos) for _, pos in need]
+        eng = self.settings.engine
+        blobs = self.backend.get_ranges(
+            table_object(spec.name), spans, gap=eng.coalesce_gap_bytes, max_request=eng.max_request_bytes
+        )
+        for (key, pos), blob in zip(need, blobs, strict=True):
+            found_key, kind, payload = decode_record(spec.name, blob, expect_key=None)
+            if found_key != key:
+                continue  # hash collision with another key in this table
+            result[key] = (kind, payload)
+            if kind == VALUE:
+                self.cache.put((spec.name, pos), payload)
+        return result
+
+    def head(self, key: str) -> PieceInfo:
+        key = check_key(key)
+        kind, payload, loc = self._resolve(key)
+        table = loc.spec.name if loc is not None else None
+        if kind == TOMBSTONE:
+            raise NotFoundError(f"piece {key[:80]!r} not found in {self.url} (deleted)")
+        if kind == EXTERNAL:
+            return PieceInfo(key, decode_external(payload).size, None, table, external=True)
+        return PieceInfo(key, len(payload), checksum(payload), table)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+        except NotFoundError:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> Iterator[PieceInfo]:
+        """Pieces whose key starts with ``prefix``, sorted by key, merged lazily across tables."""
+        if not isinstance(prefix, str):
+            from piecestore.errors import InvalidKeyError
+
+            raise InvalidKeyError(f"list prefix must be str, got {type(prefix).__name__}")
+        self._maybe_refresh()
+        return self._merge_listing(prefix)
+
+    def _merge_listing(self, prefix: str) -> Iterator[PieceInfo]:
+        pending = sorted((k, r) for k, r in self._committer.pending().items() if k.startswith(prefix))
+        sources: list[Iterator[tuple[str, int, int, TableSpec | None, TableIndex | None]]] = [
+            iter([(k, -1, 0, None, None) for k, _ in pending])
+        ]
+        pending_records = dict(pending)
+        for rank, (table_spec, table_index) in enumerate(self.tables.snapshot()):
+            sources.append(self._table_keys(rank, table_spec, table_index, prefix))
+        last: str | None = None
+        for key, _rank, pos, spec, index in heapq.merge(*sources, key=lambda t: (t[0], t[1])):
+            if key == last:
+                continue
+            last = key
+            if spec is None or index is None:
+                kind, payload = pending_records[key]
+                if kind == VALUE:
+                    yield PieceInfo(key, len(payload), checksum(payload))
+                elif kind == EXTERNAL:
+                    yield PieceInfo(key, decode_external(payload).size, external=True)
+                continue
+            kind = index.kind(pos)
+            if kind == TOMBSTONE:
+                continue
+            if kind == EXTERNAL:
+                _, _, payload = self._read_record(_Location(spec, index, pos), key)
+                yield PieceInfo(key, decode_external(payload).size, None, spec.name, external=True)
+            else:
+                yield PieceInfo(key, index.value_size(pos), None, spec.name)
+
+    def _table_keys(
+        self, rank: int, spec: TableSpec, index: TableIndex, prefix: str
+    ) -> Iterator[tuple[str, int, int, TableSpec | None, TableIndex | None]]:
+        import bisect
+
+        keys = self._keys_cache.get(spec.name)
+        if keys is None:
+            off, length = keys_span(index)
+            blob = self.backend.get(table_object(spec.name), offset=off, length=length)
+            keys = decode_keys(spec.name, blob, index)
+            if len(self._keys_cache) > 256:
+                self._keys_cache.clear()
+            self._keys_cache[spec.name] = keys
+        start = bisect.bisect_left(keys, prefix) if prefix else 0
+        for pos in range(start, len(keys)):
+            key = keys[pos]
+            if not key.startswith(prefix):
+                return
+            yield key, rank, pos, spec, index
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @property
+    def manifest(self) -> Manifest:
+        return self._view.manifest
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._committer.close()
+        finally:
+            self._closed = True
+            self._read_pool.shutdown(wait=True)
+            self._write_pool.shutdown(wait=True)
+            self.backend.close()
+
+    def __enter__(self) -> PieceStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PieceStore({self.url!r})"
+
+
+class _ChunkSummer:
+    """A file-like reader that checksums fixed-size chunks as the driver streams them."""
+
+    def __init__(self, head: bytes, rest: BinaryIO, chunk: int) -> None:
+        self._head = head
+        self._rest = rest
+        self._chunk = chunk
+        self._partial = bytearray()
+        self.sums: list[int] = []
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            if n < 0 or n >= len(self._head):
+                out, self._head = self._head, b""
+                if n > len(out) or n < 0:
+                    more = self._rest.read(-1 if n < 0 else n - len(out))
+                    out += more or b""
+            else:
+                out, self._head = self._head[:n], self._head[n:]
+        else:
+            out = self._rest.read(n) or b""
+        self._account(out)
+        return out
+
+    def _account(self, data: bytes) -> None:
+        self.size += len(data)
+        view = memoryview(data)
+        while view:
+            take = min(len(view), self._chunk - len(self._partial))
+            self._partial += view[:take]
+            view = view[take:]
+            if len(self._partial) == self._chunk:
+                self.sums.append(checksum(bytes(self._partial)))
+                self._partial.clear()
+        if not data and self._partial:
+            self.sums.append(checksum(bytes(self._partial)))
+            self._partial.clear()
