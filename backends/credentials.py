@@ -7,8 +7,10 @@ kept in ``SecretStr``: ``repr``/``str`` of anything here never shows them.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -196,3 +198,59 @@ def read_token_file(path: str) -> str:
     """Read a web identity token afresh (it is rotated on disk by the platform)."""
     with open(path, encoding="utf-8") as f:
         return f.read().strip()
+
+
+class _Redactor(logging.Filter):
+    """Masks registered secrets in log records (botocore's DEBUG output shows request headers,
+    including x-amz-security-token). Records are only built when DEBUG is on, so this is free
+    otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._secrets: dict[str, int] = {}
+
+    def add(self, values: list[str]) -> Callable[[], None]:
+        with self._lock:
+            for v in values:
+                self._secrets[v] = self._secrets.get(v, 0) + 1
+
+        def remove() -> None:
+            with self._lock:
+                for v in values:
+                    left = self._secrets.get(v, 0) - 1
+                    if left > 0:
+                        self._secrets[v] = left
+                    else:
+                        self._secrets.pop(v, None)
+
+        return remove
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with self._lock:
+            secrets = list(self._secrets)
+        if secrets:
+            message = record.getMessage()
+            masked = message
+            for secret in secrets:
+                masked = masked.replace(secret, "***")
+            if masked != message:
+                record.msg, record.args = masked, None
+        return True
+
+
+_REDACTOR = _Redactor()
+# The loggers that print request headers or signing material at DEBUG.
+_LEAKY_LOGGERS = ("botocore.auth", "botocore.endpoint", "aiobotocore.endpoint", "urllib3.connectionpool")
+
+
+def hide_in_logs(creds: ResolvedCredentials) -> Callable[[], None]:
+    """Mask these credentials' secrets in SDK log lines; call the result to stop."""
+    values = [v for v in creds.secret_values() if len(v) >= 4]
+    if not values:
+        return lambda: None
+    for name in _LEAKY_LOGGERS:
+        logger = logging.getLogger(name)
+        if _REDACTOR not in logger.filters:
+            logger.addFilter(_REDACTOR)
+    return _REDACTOR.add(values)

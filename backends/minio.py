@@ -41,6 +41,7 @@ from piecestore.backends.base import Backend, Capabilities, IfMatch, ObjectMeta,
 from piecestore.backends.credentials import (
     ResolvedCredentials,
     env_region,
+    hide_in_logs,
     parse_bool,
     read_token_file,
     resolve_credentials,
@@ -249,6 +250,7 @@ class MinioBackend(Backend):
         elif addressing == "path":
             self._client.disable_virtual_style_endpoint()  # type: ignore[no-untyped-call]
         self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="piecestore-minio")
+        self._unhide = hide_in_logs(credentials)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -545,6 +547,7 @@ class MinioBackend(Backend):
     def _close(self) -> None:
         self._pool.shutdown(wait=True)
         self._http.clear()
+        self._unhide()
 
 
 def _findtext(element: ET.Element, tag: str) -> str | None:

@@ -35,7 +35,13 @@ from typing import Any, BinaryIO, TypeVar
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from piecestore.backends.base import Backend, Capabilities, IfMatch, ObjectMeta, PutMode, validate_name
-from piecestore.backends.credentials import ResolvedCredentials, env_region, parse_bool, resolve_credentials
+from piecestore.backends.credentials import (
+    ResolvedCredentials,
+    env_region,
+    hide_in_logs,
+    parse_bool,
+    resolve_credentials,
+)
 from piecestore.backends.retry import Retryable, RetryPolicy
 from piecestore.backends.s3errors import ErrorContext, Outcome, classify, map_error
 from piecestore.errors import (
@@ -522,7 +528,7 @@ class S3Backend(Backend):
         self._loop = LoopThread(f"piecestore-s3-{location.bucket}")
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._fs = self._make_fs()
-        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._fs)
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._fs, hide_in_logs(credentials))
 
     def _make_fs(self) -> Any:
         import s3fs
@@ -838,8 +844,9 @@ class S3Backend(Backend):
         self._finalizer()
 
 
-def _shutdown(loop: LoopThread, fs: Any) -> None:
+def _shutdown(loop: LoopThread, fs: Any, unhide: Callable[[], None]) -> None:
     """Close the HTTP session, then the loop; also run by the finalizer if close() was skipped."""
+    unhide()
     creator = getattr(fs, "_s3creator", None)
     if creator is not None and not loop.loop.is_closed():
         try:
