@@ -14,7 +14,7 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
@@ -48,6 +48,9 @@ from piecestore.tableindex import TableIndex
 from piecestore.tableset import TableSet, table_object
 
 if TYPE_CHECKING:
+    from piecestore.fsck import FsckReport
+    from piecestore.gc import GCReport
+    from piecestore.lease import Clock
     from piecestore.settings import Settings
 
 EXTERNAL_CHUNK = 1024 * 1024
@@ -88,6 +91,7 @@ class PieceStore:
         self.tables.sync(self._view.manifest.tables)
         self._closed = False
         self._local = threading.local()
+        self._compactor: threading.Thread | None = None
         self._writable_reason = self._why_not_writable(settings)
         self._committer = GroupCommitter(
             self._flush_records,
@@ -201,6 +205,7 @@ class PieceStore:
             groups[-1].append((key, kind, payload))
             size += len(payload) + len(key)
         built = [build_table(g) for g in groups]
+        uploaded_at = time.monotonic()
         list(self._write_pool.map(self._upload, built))
         specs = [
             TableSpec(b.name, b.count, len(b.data), b.index_bytes, b.keys_bytes, b.live_bytes) for b in built
@@ -220,7 +225,29 @@ class PieceStore:
                 m.extra,
             )
 
+        # GC deletes unreferenced tables older than the grace period; a writer that stalled
+        # that long between upload and commit uploads again rather than commit a dangling name.
+        if time.monotonic() - uploaded_at > self.settings.gc.grace_seconds / 2:
+            list(self._write_pool.map(self._upload, built))
         self._commit(add_tables)
+        if self.settings.gc.auto_compact:
+            self._maybe_auto_compact()
+
+    def _maybe_auto_compact(self) -> None:
+        """Start a background compaction when tables pile up; one at a time per process."""
+        if len(self._view.manifest.tables) < self.settings.gc.compact_min_tables:
+            return
+        if self._compactor is not None and self._compactor.is_alive():
+            return
+
+        def work() -> None:
+            from piecestore.lease import GCBusyError
+
+            with contextlib.suppress(GCBusyError):
+                self.gc(compact=True)
+
+        self._compactor = threading.Thread(target=work, name="piecestore-compactor", daemon=True)
+        self._compactor.start()
 
     def _upload(self, table: BuiltTable) -> None:
         self.backend.put(table_object(table.name), table.data)
@@ -346,6 +373,18 @@ class PieceStore:
 
             raise InvalidValueError(f"missing must be 'raise' or 'skip', got {missing!r}")
         self._maybe_refresh()
+        try:
+            return self._get_many(wanted, missing)
+        except _StaleView:
+            self.refresh()  # a table left the manifest (compaction) after we looked it up
+        try:
+            return self._get_many(wanted, missing)
+        except _StaleView as e:
+            raise CorruptionError(
+                f"{self.url}: table {e} is listed in the manifest but missing; run `piecestore fsck`"
+            ) from e
+
+    def _get_many(self, wanted: list[str], missing: str) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         externals: dict[str, bytes] = {}
         todo: list[str] = []
@@ -410,9 +449,12 @@ class PieceStore:
             return result
         spans = [record_span(index, pos) for _, pos in need]
         eng = self.settings.engine
-        blobs = self.backend.get_ranges(
-            table_object(spec.name), spans, gap=eng.coalesce_gap_bytes, max_request=eng.max_request_bytes
-        )
+        try:
+            blobs = self.backend.get_ranges(
+                table_object(spec.name), spans, gap=eng.coalesce_gap_bytes, max_request=eng.max_request_bytes
+            )
+        except NotFoundError as e:
+            raise _StaleView(spec.name) from e
         for (key, pos), blob in zip(need, blobs, strict=True):
             found_key, kind, payload = decode_record(spec.name, blob, expect_key=None)
             if found_key != key:
@@ -497,6 +539,39 @@ class PieceStore:
                 return
             yield key, rank, pos, spec, index
 
+    # -- maintenance ---------------------------------------------------------------------
+    def gc(
+        self,
+        dry_run: bool = False,
+        *,
+        compact: bool = True,
+        clock: Clock | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> GCReport:
+        """Compact tables and reclaim dead and orphaned data (see piecestore.gc).
+
+        ``clock`` replaces the server clock (tests pass one instead of sleeping).
+        """
+        from piecestore.gc import GarbageCollector
+
+        if not dry_run:
+            self._check_writable()
+            self.flush()
+        return GarbageCollector(self, clock=clock, progress=progress).run(dry_run=dry_run, compact=compact)
+
+    def fsck(self, progress: Callable[[int, int], None] | None = None) -> FsckReport:
+        """Verify every checksum, manifest reference and index; report exactly what is wrong."""
+        from piecestore.fsck import fsck
+
+        self.flush()
+        return fsck(self, progress)
+
+    def profile(self) -> Any:
+        """Piece counts, size histogram, tables, cache hit rates (see piecestore.profile)."""
+        from piecestore.profile import profile_store
+
+        return profile_store(self)
+
     # -- lifecycle -----------------------------------------------------------------------
     @property
     def manifest(self) -> Manifest:
@@ -507,6 +582,8 @@ class PieceStore:
             return
         try:
             self._committer.close()
+            if self._compactor is not None:
+                self._compactor.join()
         finally:
             self._closed = True
             self._read_pool.shutdown(wait=True)
@@ -521,6 +598,10 @@ class PieceStore:
 
     def __repr__(self) -> str:
         return f"PieceStore({self.url!r})"
+
+
+class _StaleView(Exception):
+    """A table named by our view of the manifest is gone: refresh and look again."""
 
 
 class _ChunkSummer:

@@ -19,7 +19,7 @@ Layout (all integers little-endian; ``n`` = record count)::
                kinds      u8[n]     kind of each record (so list skips tombstones without a read)
     footer     64 bytes:
                count u64, records_bytes u64, keys_bytes u64, index_len u64 (index without footer),
-               keys_checksum u64 (xxh3_64 of the key block), version u32, reserved u32 (0),
+               keys_checksum u64 (xxh3_64 of the key block), version u32, nonce u32 (random),
                checksum u64 (xxh3_64 of index + footer up to here), magic 8 bytes
 
 The index and footer are the file's suffix of ``index_bytes = index_len + 64`` bytes: with that
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ MAX_KEY_BYTES = 1024
 KEY_HASH_SEED = 0x9E3779B97F4A7C15  # differs from the checksum's seed 0: a key's hash is not its checksum
 
 RECORD_HEADER = struct.Struct("<QBBHQ")  # checksum, kind, flags, key_len, value_len
-FOOTER = struct.Struct("<QQQQQIIQ8s")  # count, records, keys, index_len, keys_cks, version, rsvd, cks, magic
+FOOTER = struct.Struct("<QQQQQIIQ8s")  # count, records, keys, index_len, keys_cks, version, nonce, cks, magic
 FOOTER_BYTES = FOOTER.size
 _FOOTER_CHECKED = FOOTER_BYTES - 16  # the footer bytes before its checksum and magic
 INDEX_BYTES_PER_RECORD = 8 + 8 + 4 + 2 + 1
@@ -179,8 +180,12 @@ def build_table(records: Iterable[tuple[str, int, bytes]]) -> BuiltTable:
             kinds.tobytes(),
         )
     )
+    # A random nonce makes every build's content, and so its content-hash name, unique: two
+    # writes of identical records must never share a name, or GC could delete a file that one
+    # of them is about to reference again.
+    nonce = secrets.randbits(32)
     footer_head = FOOTER.pack(
-        n, records_bytes, len(key_block), len(index), checksum(key_block), FORMAT_VERSION, 0, 0, MAGIC
+        n, records_bytes, len(key_block), len(index), checksum(key_block), FORMAT_VERSION, nonce, 0, MAGIC
     )[:_FOOTER_CHECKED]
     index_sum = xxhash.xxh3_64(index)
     index_sum.update(footer_head)
@@ -206,7 +211,7 @@ def parse_index(table: str, suffix: Bytes, *, file_size: int) -> _tableindex.Tab
             f"table {table}: index suffix is {len(mv)} bytes, "
             f"shorter than the {FOOTER_BYTES}-byte footer (truncated?)"
         )
-    count, records_bytes, keys_bytes, index_len, keys_cks, version, reserved, cks, magic = FOOTER.unpack(
+    count, records_bytes, keys_bytes, index_len, keys_cks, version, _nonce, cks, magic = FOOTER.unpack(
         mv[-FOOTER_BYTES:]
     )
     if magic != MAGIC:
@@ -228,8 +233,6 @@ def parse_index(table: str, suffix: Bytes, *, file_size: int) -> _tableindex.Tab
     mv = mv[len(mv) - need :]
     if checksum(mv[: index_len + _FOOTER_CHECKED]) != cks:
         raise CorruptionError(f"table {table}: index checksum mismatch")
-    if reserved != 0:
-        raise CorruptionError(f"table {table}: reserved footer field is {reserved}, not 0")
     if records_bytes + keys_bytes + need != file_size:
         raise CorruptionError(
             f"table {table}: sections add up to {records_bytes + keys_bytes + need} bytes "

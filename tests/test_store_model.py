@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import hypothesis.strategies as st
@@ -79,6 +80,11 @@ class StoreModel(RuleBasedStateMachine):
     @rule()
     def flush(self) -> None:
         self.store.flush()
+
+    @rule(grace_passed=st.booleans())
+    def gc(self, grace_passed: bool) -> None:
+        ahead = timedelta(days=1) if grace_passed else timedelta(0)
+        self.store.gc(clock=lambda: datetime.now(UTC) + ahead)
 
     @rule(buffered=st.booleans())
     def reopen(self, buffered: bool) -> None:

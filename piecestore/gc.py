@@ -1,0 +1,389 @@
+"""Garbage collection and compaction, driven by the manifest, safe beside live writers.
+
+One pass, under the store's GC lease:
+
+1. note the server's time, list every object under ``tables/`` and ``blobs/``, and only then
+   read the manifest: an object written after the scan began is never in scope;
+2. find, by exact key, which records are shadowed by newer tables or tombstones (dead);
+3. compact: rewrite runs of adjacent tables that are mostly dead or small into new tables of
+   live records only (NBS conjoin), committed by compare-and-swap; the replaced tables and the
+   large-piece objects only dead records referenced become *pending deletes* in the manifest;
+4. delete pending deletes older than the grace period, and orphans (objects no manifest ever
+   referenced, from crashed writers) whose server LastModified is older than the grace period,
+   each re-checked just before deleting.
+
+If listing or reading the manifest fails, nothing is deleted. Every step is idempotent: a GC
+killed at any point leaves work the next one finishes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from piecestore.backends import ObjectMeta
+from piecestore.errors import NotFoundError, PieceStoreError
+from piecestore.lease import Clock, Lease, server_clock
+from piecestore.manifest import BLOBS_PREFIX, TABLES_PREFIX, Manifest, PendingDelete, TableSpec
+from piecestore.table import (
+    EXTERNAL,
+    RECORD_HEADER,
+    TOMBSTONE,
+    build_table,
+    decode_external,
+    decode_keys,
+    decode_record,
+)
+from piecestore.tableindex import TableIndex
+from piecestore.tableset import table_object
+
+if TYPE_CHECKING:
+    from piecestore.store import PieceStore
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class DataStats:
+    tables: int = 0
+    table_bytes: int = 0
+    live_pieces: int = 0
+    live_bytes: int = 0
+    dead_records: int = 0
+    dead_bytes: int = 0
+    tombstones: int = 0
+
+
+@dataclass
+class GCReport:
+    """What a GC pass found and did; ``before``/``after`` describe the tables the manifest lists."""
+
+    dry_run: bool
+    before: DataStats = field(default_factory=DataStats)
+    after: DataStats = field(default_factory=DataStats)
+    compacted_tables: int = 0
+    written_tables: int = 0
+    rewritten_bytes: int = 0
+    pending_delete: int = 0
+    pending_delete_bytes: int = 0
+    orphaned: int = 0
+    orphaned_bytes: int = 0
+    deleted: int = 0
+    deleted_bytes: int = 0
+    skipped: int = 0
+    skipped_reasons: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        mode = "dry run (nothing changed; pass --delete to act)" if self.dry_run else "done"
+        b, a = self.before, self.after
+        lines = [
+            f"GC {mode} in {self.seconds:.2f}s",
+            f"  tables        {b.tables} -> {a.tables} ({b.table_bytes:,} -> {a.table_bytes:,} bytes)",
+            f"  live          {b.live_pieces:,} pieces, {b.live_bytes:,} bytes",
+            f"  dead          {b.dead_records:,} records, {b.dead_bytes:,} bytes -> {a.dead_bytes:,} bytes",
+            f"  compacted     {self.compacted_tables} tables into {self.written_tables} "
+            f"({self.rewritten_bytes:,} bytes rewritten)",
+            f"  pending       {self.pending_delete} objects, "
+            f"{self.pending_delete_bytes:,} bytes (within grace)",
+            f"  orphaned      {self.orphaned} objects, {self.orphaned_bytes:,} bytes",
+            f"  deleted       {self.deleted} objects, {self.deleted_bytes:,} bytes",
+            f"  skipped       {self.skipped}"
+            + (f" ({'; '.join(self.skipped_reasons[:3])})" if self.skipped else ""),
+        ]
+        return "\n".join(lines)
+
+
+@dataclass
+class TableAnalysis:
+    spec: TableSpec
+    index: TableIndex
+    keys: list[str]
+    dead: np.ndarray[Any, np.dtype[np.bool_]]  # per record: shadowed by a newer table
+    record_bytes: np.ndarray[Any, np.dtype[np.int64]]
+
+    @property
+    def dead_bytes(self) -> int:
+        tomb = self.index.kinds == TOMBSTONE
+        return int(self.record_bytes[self.dead | tomb].sum())
+
+    @property
+    def dead_fraction(self) -> float:
+        return self.dead_bytes / max(1, int(self.record_bytes.sum()))
+
+
+def analyze(store: PieceStore, tables: Sequence[tuple[TableSpec, TableIndex]]) -> list[TableAnalysis]:
+    """Mark every record shadowed by a newer one, comparing exact keys (never just hashes)."""
+    seen: set[str] = set()
+    out: list[TableAnalysis] = []
+    for spec, index in tables:
+        off, length = index.records_bytes, index.keys_bytes
+        keys = decode_keys(
+            spec.name, store.backend.get(table_object(spec.name), offset=off, length=length), index
+        )
+        dead = np.fromiter((k in seen for k in keys), dtype=np.bool_, count=len(keys))
+        seen.update(keys)
+        record_bytes = np.diff(index.offsets).astype(np.int64)
+        out.append(TableAnalysis(spec, index, keys, dead, record_bytes))
+    return out
+
+
+def stats_of(analysis: Sequence[TableAnalysis]) -> DataStats:
+    s = DataStats()
+    for a in analysis:
+        tomb = a.index.kinds == TOMBSTONE
+        live = ~a.dead & ~tomb
+        s.tables += 1
+        s.table_bytes += a.spec.size
+        s.live_pieces += int(live.sum())
+        value_bytes = a.record_bytes - a.index.key_lens.astype(np.int64) - RECORD_HEADER.size
+        s.live_bytes += int(value_bytes[live].sum())
+        s.dead_records += int((a.dead | tomb).sum())
+        s.dead_bytes += a.dead_bytes
+        s.tombstones += int(tomb.sum())
+    return s
+
+
+class GarbageCollector:
+    def __init__(self, store: PieceStore, *, clock: Clock | None = None, progress: Progress | None = None):
+        self.store = store
+        self.backend = store.backend
+        self.clock = clock or server_clock(store.backend)
+        self.progress = progress or (lambda phase, done, total: None)
+        gc = store.settings.gc
+        self.grace = timedelta(seconds=gc.grace_seconds)
+        self.dead_fraction = gc.dead_fraction
+        self.lease_seconds = gc.lease_seconds
+        self.target = store.settings.engine.table_target_bytes
+
+    # -- the pass ------------------------------------------------------------------------
+    def run(self, *, dry_run: bool = False, compact: bool = True, delete: bool = True) -> GCReport:
+        started = time.monotonic()
+        report = GCReport(dry_run=dry_run)
+        lease = Lease(self.backend, self.lease_seconds, self.clock)
+        if not dry_run:
+            lease.acquire()
+        try:
+            scan_time = self.clock()
+            listed = {
+                m.name: m for prefix in (TABLES_PREFIX, BLOBS_PREFIX) for m in self.backend.list(prefix)
+            }
+            self.store.refresh()
+            tables = self.store.tables.snapshot()
+            analysis = analyze(self.store, tables)
+            report.before = stats_of(analysis)
+            if compact:
+                self._compact(analysis, report, dry_run, lease)
+            if not dry_run:
+                lease.renew()
+            self.store.refresh()
+            report.after = (
+                stats_of(analyze(self.store, self.store.tables.snapshot())) if not dry_run else report.before
+            )
+            if delete:
+                self._reclaim(listed, scan_time, report, dry_run, lease)
+        finally:
+            if not dry_run:
+                lease.release()
+        report.seconds = time.monotonic() - started
+        return report
+
+    # -- compaction ----------------------------------------------------------------------
+    def plan_runs(self, analysis: Sequence[TableAnalysis]) -> list[list[TableAnalysis]]:
+        """Adjacent tables worth rewriting together: mostly dead, or small enough to merge."""
+        small = self.target // 4
+        runs: list[list[TableAnalysis]] = []
+        current: list[TableAnalysis] = []
+        for a in analysis:
+            if a.dead_fraction > self.dead_fraction or a.spec.size < small:
+                current.append(a)
+            else:
+                if current:
+                    runs.append(current)
+                current = []
+        if current:
+            runs.append(current)
+        return [r for r in runs if len(r) > 1 or r[0].dead_fraction > self.dead_fraction]
+
+    def _compact(self, analysis: list[TableAnalysis], report: GCReport, dry_run: bool, lease: Lease) -> None:
+        runs = self.plan_runs(analysis)
+        oldest = analysis[-1].spec.name if analysis else None
+        total = sum(len(r) for r in runs)
+        done = 0
+        for run in runs:
+            report.compacted_tables += len(run)
+            if dry_run:
+                done += len(run)
+                self.progress("compact", done, total)
+                continue
+            includes_oldest = run[-1].spec.name == oldest
+            try:
+                self._rewrite(run, includes_oldest, report)
+            except PieceStoreError as e:
+                report.skipped += len(run)
+                report.skipped_reasons.append(f"compaction of {len(run)} tables: {e}")
+            done += len(run)
+            self.progress("compact", done, total)
+            lease.renew()
+
+    def _rewrite(self, run: list[TableAnalysis], includes_oldest: bool, report: GCReport) -> None:
+        records: list[tuple[str, int, bytes]] = []
+        dead_blobs: list[str] = []
+        for a in run:
+            data = self.backend.get(table_object(a.spec.name))
+            view = memoryview(data)
+            for pos, key in enumerate(a.keys):
+                kind = int(a.index.kinds[pos])
+                start, end = int(a.index.offsets[pos]), int(a.index.offsets[pos + 1])
+                keep = not a.dead[pos] and not (kind == TOMBSTONE and includes_oldest)
+                if not keep and kind != EXTERNAL:
+                    continue
+                _, kind, payload = decode_record(a.spec.name, view[start:end], expect_key=key)
+                if keep:
+                    records.append((key, kind, payload))
+                elif kind == EXTERNAL:
+                    dead_blobs.append(decode_external(payload).obj_name)
+        records.sort(key=lambda r: r[0])
+        groups: list[list[tuple[str, int, bytes]]] = []
+        size = 0
+        for rec in records:
+            if not groups or (size > 0 and size + len(rec[2]) > self.target):
+                groups.append([])
+                size = 0
+            groups[-1].append(rec)
+            size += len(rec[2]) + len(rec[0])
+        built = [build_table(g) for g in groups]
+        for t in built:
+            self.backend.put(table_object(t.name), t.data)
+            report.rewritten_bytes += len(t.data)
+        specs = tuple(
+            TableSpec(t.name, t.count, len(t.data), t.index_bytes, t.keys_bytes, t.live_bytes) for t in built
+        )
+        for spec, t in zip(specs, built, strict=True):
+            self.store.tables.add_built(spec, t.data[-t.index_bytes :])
+        replaced = [a.spec.name for a in run]
+        since = self.clock().isoformat()
+
+        def swap(m: Manifest) -> Manifest | None:
+            names = [t.name for t in m.tables]
+            try:
+                at = names.index(replaced[0])
+            except ValueError:
+                return None
+            if names[at : at + len(replaced)] != replaced:
+                return None  # the run is no longer intact: leave this one alone
+            if includes_oldest and at + len(replaced) != len(names):
+                return None  # older tables appeared below: tombstones may still be needed
+            gone = [PendingDelete(table_object(n), since) for n in replaced]
+            gone += [PendingDelete(b, since) for b in dead_blobs]
+            tables = m.tables[:at] + specs + m.tables[at + len(replaced) :]
+            return Manifest(
+                m.version, m.store_id, tables, m.pending_deletes + tuple(gone), m.gc_lease, m.layout, m.extra
+            )
+
+        before = self.store.manifest.version
+        committed = self.store._commit(swap).manifest
+        if committed.version == before or not ({s.name for s in specs} <= committed.table_names()):
+            # not committed: our new tables are referenced by nobody, remove them now
+            self.backend.delete_many([table_object(s.name) for s in specs])
+            raise PieceStoreError(
+                "the tables changed under the compaction; it will be retried by the next GC"
+            )
+        report.written_tables += len(specs)
+
+    # -- deletion ------------------------------------------------------------------------
+    def _referenced_blobs(self, m: Manifest) -> set[str]:
+        refs: set[str] = set()
+        for spec, index in self.store.tables.snapshot():
+            ext = np.flatnonzero(index.kinds == EXTERNAL)
+            if len(ext) == 0:
+                continue
+            spans = [index.span(int(p)) for p in ext]
+            blobs = self.backend.get_ranges(table_object(spec.name), spans)
+            for blob in blobs:
+                _, _, payload = decode_record(spec.name, blob)
+                refs.add(decode_external(payload).obj_name)
+        return refs
+
+    def _reclaim(
+        self,
+        listed: dict[str, ObjectMeta],
+        scan_time: datetime,
+        report: GCReport,
+        dry_run: bool,
+        lease: Lease,
+    ) -> None:
+        m = self.store.manifest
+        referenced = {table_object(t.name) for t in m.tables} | self._referenced_blobs(m)
+        pending = {p.name: p for p in m.pending_deletes}
+        due: list[str] = []
+        for name, p in pending.items():
+            if name in referenced:
+                continue  # defensive: never delete what the manifest lists
+            size = listed[name].size if name in listed else 0
+            if scan_time - datetime.fromisoformat(p.since) >= self.grace:
+                due.append(name)
+            else:
+                report.pending_delete += 1
+                report.pending_delete_bytes += size
+        orphans: list[ObjectMeta] = []
+        for name, meta in listed.items():
+            if name in referenced or name in pending:
+                continue
+            report.orphaned += 1
+            report.orphaned_bytes += meta.size
+            if meta.last_modified > scan_time or scan_time - meta.last_modified < self.grace:
+                report.skipped += 1
+                if len(report.skipped_reasons) < 20:
+                    report.skipped_reasons.append(f"{name}: orphan younger than the grace period")
+                continue
+            orphans.append(meta)
+        if dry_run:
+            return
+        lease.renew()
+        # Re-check against the newest manifest just before deleting.
+        self.store.refresh()
+        m = self.store.manifest
+        referenced = {table_object(t.name) for t in m.tables} | self._referenced_blobs(m)
+        deleted: list[str] = []
+        total = len(due) + len(orphans)
+        for i, name in enumerate(due):
+            if name not in referenced:
+                self.backend.delete(name)
+                deleted.append(name)
+                report.deleted += 1
+                report.deleted_bytes += listed[name].size if name in listed else 0
+            self.progress("delete", i + 1, total)
+        for j, meta in enumerate(orphans):
+            if meta.name in referenced:
+                continue
+            try:
+                now = self.backend.head(meta.name)
+            except NotFoundError:
+                continue
+            if now.etag != meta.etag or now.last_modified != meta.last_modified:
+                report.skipped += 1
+                report.skipped_reasons.append(f"{meta.name}: changed since the scan")
+                continue
+            self.backend.delete(meta.name)
+            report.deleted += 1
+            report.deleted_bytes += meta.size
+            self.progress("delete", len(due) + j + 1, total)
+        if deleted:
+            done = set(deleted)
+
+            def forget(m: Manifest) -> Manifest | None:
+                keep = tuple(p for p in m.pending_deletes if p.name not in done)
+                if len(keep) == len(m.pending_deletes):
+                    return None
+                return Manifest(m.version, m.store_id, m.tables, keep, m.gc_lease, m.layout, m.extra)
+
+            self.store._commit(forget)
