@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from piecestore.backends import Backend
 from piecestore.cache import ByteLRU
+from piecestore.diskcache import DiskCache
 from piecestore.errors import (
     CorruptionError,
     NotFoundError,
@@ -83,8 +84,11 @@ class PieceStore:
         self._read_pool = ThreadPoolExecutor(eng.read_concurrency, thread_name_prefix="piecestore-read")
         self._write_pool = ThreadPoolExecutor(eng.write_concurrency, thread_name_prefix="piecestore-write")
         self.manifests = ManifestStore(backend, commit_retries=eng.commit_retries)
-        self.tables = TableSet(backend, self._read_pool)
         self.cache = ByteLRU(settings.cache.memory_bytes)
+        self.disk_cache = (
+            DiskCache(settings.cache.disk_dir, settings.cache.disk_bytes) if settings.cache.disk_dir else None
+        )
+        self.tables = TableSet(backend, self._read_pool, self.disk_cache)
         self._keys_cache: dict[str, list[str]] = {}
         self._view_lock = threading.Lock()
         self._view: ManifestView = self.manifests.read()
@@ -291,8 +295,19 @@ class PieceStore:
         if cached is not None and key is not None:
             return key, VALUE, cached
         off, length = record_span(loc.index, loc.pos)
-        blob = self.backend.get(table_object(loc.spec.name), offset=off, length=length)
-        found_key, kind, payload = decode_record(loc.spec.name, blob, expect_key=key)
+        name = loc.spec.name
+        blob = self.disk_cache.get(name, off, length) if self.disk_cache is not None else None
+        if blob is not None:
+            try:
+                found_key, kind, payload = decode_record(name, blob, expect_key=key)
+            except CorruptionError:  # a damaged cache file: forget it, read the store
+                self.disk_cache.drop(name, off, length)  # type: ignore[union-attr]
+                blob = None
+        if blob is None:
+            blob = self.backend.get(table_object(name), offset=off, length=length)
+            found_key, kind, payload = decode_record(name, blob, expect_key=key)
+            if self.disk_cache is not None:
+                self.disk_cache.put(name, off, length, blob)
         if kind == VALUE:
             self.cache.put(cache_key, payload)
         return found_key, kind, payload
@@ -441,6 +456,18 @@ class PieceStore:
         need: list[tuple[str, int]] = []
         for key, pos in hits:
             cached = self.cache.get((spec.name, pos))
+            if cached is None and self.disk_cache is not None:
+                off, length = record_span(index, pos)
+                raw = self.disk_cache.get(spec.name, off, length)
+                if raw is not None:
+                    try:
+                        found_key, kind, payload = decode_record(spec.name, raw, expect_key=None)
+                    except CorruptionError:
+                        self.disk_cache.drop(spec.name, off, length)
+                    else:
+                        if found_key == key:
+                            result[key] = (kind, payload)
+                        continue
             if cached is not None:
                 result[key] = (VALUE, cached)
             else:
@@ -455,8 +482,10 @@ class PieceStore:
             )
         except NotFoundError as e:
             raise _StaleView(spec.name) from e
-        for (key, pos), blob in zip(need, blobs, strict=True):
+        for (key, pos), blob, (off, length) in zip(need, blobs, spans, strict=True):
             found_key, kind, payload = decode_record(spec.name, blob, expect_key=None)
+            if self.disk_cache is not None:
+                self.disk_cache.put(spec.name, off, length, blob)
             if found_key != key:
                 continue  # hash collision with another key in this table
             result[key] = (kind, payload)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 
 from piecestore.backends import Backend
+from piecestore.diskcache import DiskCache
+from piecestore.errors import CorruptionError
 from piecestore.manifest import TABLES_PREFIX, TableSpec
 from piecestore.table import parse_index
 from piecestore.tableindex import TableIndex
@@ -22,8 +24,9 @@ def table_object(name: str) -> str:
 
 
 class TableSet:
-    def __init__(self, backend: Backend, pool: Executor) -> None:
+    def __init__(self, backend: Backend, pool: Executor, disk_cache: DiskCache | None = None) -> None:
         self.backend = backend
+        self.disk_cache = disk_cache
         self._pool = pool
         self._lock = threading.Lock()
         self._indexes: dict[str, TableIndex] = {}
@@ -49,10 +52,19 @@ class TableSet:
             self._order = tuple(specs)
 
     def _load(self, spec: TableSpec) -> TableIndex:
-        suffix = self.backend.get(
-            table_object(spec.name), offset=spec.size - spec.index_bytes, length=spec.index_bytes
-        )
-        return parse_index(spec.name, suffix, file_size=spec.size)
+        off, length = spec.size - spec.index_bytes, spec.index_bytes
+        if self.disk_cache is not None:
+            cached = self.disk_cache.get(spec.name, off, length)
+            if cached is not None:
+                try:
+                    return parse_index(spec.name, cached, file_size=spec.size)
+                except CorruptionError:
+                    self.disk_cache.drop(spec.name, off, length)
+        suffix = self.backend.get(table_object(spec.name), offset=off, length=length)
+        index = parse_index(spec.name, suffix, file_size=spec.size)
+        if self.disk_cache is not None:
+            self.disk_cache.put(spec.name, off, length, suffix)
+        return index
 
     def snapshot(self) -> list[tuple[TableSpec, TableIndex]]:
         """The tables newest first with their indexes, as one consistent list."""
