@@ -213,3 +213,20 @@ def test_gc_concurrent_with_writer_processes_and_readers(tmp_path: Any) -> None:
                 assert final[f"w{w}/{i}"] in expected
         assert all(final[f"stable/{i}"] == f"s{i}".encode() for i in range(200))
         assert store.fsck().ok
+
+
+def test_background_compaction_merges_small_tables(tmp_path: Any) -> None:
+    url = f"file://{tmp_path}"
+    with piecestore.open(url, gc_auto_compact=True, gc_compact_min_tables=4, gc_grace_seconds=60) as s:
+        for r in range(12):
+            s.put_many({f"bg/{r}/{i}": b"v" * 50 for i in range(20)})
+        deadline = time.monotonic() + 20
+        while len(s.manifest.tables) >= 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            s.refresh()
+        assert len(s.manifest.tables) < 4
+        assert len(list(s.list("bg/"))) == 240
+    with piecestore.open(url, gc_auto_compact=False) as s:  # and the switch turns it off
+        for r in range(6):
+            s.put(f"off/{r}", b"x")
+        assert len(s.manifest.tables) >= 6
