@@ -1,0 +1,341 @@
+"""The reshard mover: copy the pieces whose owner changes, then drop the stale copies.
+
+Protocol (crash-safe; every step is idempotent, so calling ``reshard`` again with the same
+targets resumes wherever a crash or an exception stopped it):
+
+1. Sweep: delete from every shard the keys it does not own under the current (stable) layout.
+   Only a crash after step 4 leaves such copies; they must go before step 2, or one could
+   reappear when the new layout makes its shard the owner again.
+2. Publish the layout state "resharding" (previous = old targets, targets = new) to every old
+   and new shard. From then on handles read new owner then previous owner, and write a moving
+   key to the previous owner first, then to the new one (see ``piecestore.sharding.store``).
+   Other processes pick the change up within their ``layout_check_seconds``; the mover waits
+   ``grace_seconds`` so that none of them still writes by the old layout while keys move.
+3. Copy: list every old shard, route its keys with the new router, and for each key whose
+   owner changes copy it (get_many from the old owner, put_many + flush to the new one, in
+   bounded batches), skipping keys the new owner already holds with the same bytes (a resumed
+   run copies only what is left). After each batch the mover re-reads the keys it wrote from
+   the old owner; a key that changed there was written (or deleted) by a client meanwhile, and
+   since clients write the old owner first, re-applying what the old owner now holds, until
+   it stops changing, guarantees a copy never shadows a newer client write.
+4. Publish the stable layout with the new targets (also to removed targets, so a config still
+   naming one fails clearly), wait ``grace_seconds`` again, and sweep: every shard deletes the
+   keys it no longer owns. A removed target thus keeps only tombstones and its layout object;
+   its bucket or directory can be deleted by hand afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from piecestore.errors import ConfigError, ConflictError
+from piecestore.sharding.layout import ShardLayout
+from piecestore.sharding.router import ShardTarget, coerce_targets, targets_fingerprint
+from piecestore.store import PieceStore
+
+if TYPE_CHECKING:
+    from piecestore.sharding.store import ShardedStore, _Routing
+
+__all__ = ["ReshardReport", "run_reshard", "sweep"]
+
+_VERIFY_ROUNDS = 20
+_DELETE_BATCH = 4096
+_LIST_CHUNK = 2048
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ReshardReport:
+    """What a reshard did. Counts are pieces; ``*_before``/``*_after`` are keyed by target identity."""
+
+    old_targets: tuple[str, ...]
+    new_targets: tuple[str, ...]
+    layout_version: int  # of the stable layout written at the end
+    keys_examined: int  # pieces listed on the old shards
+    keys_moved: int  # pieces whose owner changed and that the new owner now holds
+    keys_copied: int  # pieces written by this run (< keys_moved when resuming)
+    bytes_moved: int  # bytes written to new owners by this run
+    keys_deleted: int  # stale copies removed from shards that no longer own them
+    counts_before: dict[str, int] = field(default_factory=dict)
+    counts_after: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    resumed: bool = False  # an interrupted reshard was found and finished
+
+    @property
+    def moved_fraction(self) -> float:
+        return self.keys_moved / self.keys_examined if self.keys_examined else 0.0
+
+
+@dataclass
+class _Move:
+    key: str
+    size: int
+    src: PieceStore
+    dst: PieceStore
+
+
+@dataclass
+class _Tally:
+    moved: int = 0
+    copied: int = 0
+    bytes: int = 0
+
+
+def _chunks(it: Iterator[str], n: int) -> Iterator[list[str]]:
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+def sweep(owner: ShardedStore, routing: _Routing, stores: Sequence[PieceStore]) -> tuple[dict[str, int], int]:
+    """Delete from each store the keys ``routing`` does not give it; (kept per store, deleted).
+
+    Safe at any time in a stable layout: readers and writers only touch owners.
+    """
+    kept: dict[str, int] = {}
+    deleted = 0
+    for store in stores:
+        store.refresh()
+        doomed: list[str] = []
+        count = 0
+        for keys in _chunks((p.key for p in store.list()), _LIST_CHUNK):
+            owners = routing.router.route_many(keys).tolist()
+            for key, i in zip(keys, owners, strict=True):
+                if routing.stores[i] is store:
+                    count += 1
+                else:
+                    doomed.append(key)
+        for start in range(0, len(doomed), _DELETE_BATCH):
+            store.delete_many(doomed[start : start + _DELETE_BATCH])
+        store.flush()
+        kept[owner._identity(store)] = count
+        deleted += len(doomed)
+    return kept, deleted
+
+
+def _plan(owner: ShardedStore, routing: _Routing) -> tuple[list[_Move], int, dict[str, int]]:
+    """The keys each old shard owned under the previous layout whose owner changes."""
+    assert routing.prev_router is not None and routing.prev_stores is not None
+    moves: list[_Move] = []
+    examined = 0
+    counts: dict[str, int] = {}
+    for store in routing.all_stores():
+        store.refresh()
+        listed = 0
+        for chunk in _chunks_info(store):
+            listed += len(chunk)
+            keys = [k for k, _ in chunk]
+            prev = routing.prev_router.route_many(keys).tolist()
+            new = routing.router.route_many(keys).tolist()
+            for (key, size), p, n in zip(chunk, prev, new, strict=True):
+                if routing.prev_stores[p] is not store:
+                    continue  # a copy this shard received, or a stale one: not its to move
+                examined += 1
+                dst = routing.stores[n]
+                if dst is not store:
+                    moves.append(_Move(key, size, store, dst))
+        counts[owner._identity(store)] = listed
+    return moves, examined, counts
+
+
+def _chunks_info(store: PieceStore) -> Iterator[list[tuple[str, int]]]:
+    listing = ((p.key, p.size) for p in store.list())
+    while chunk := list(itertools.islice(listing, _LIST_CHUNK)):
+        yield chunk
+
+
+def _batches(moves: list[_Move], max_keys: int, max_bytes: int) -> Iterator[list[_Move]]:
+    """Moves grouped by (source, destination), cut at ``max_keys`` keys or ``max_bytes`` bytes."""
+    groups: dict[tuple[int, int], list[_Move]] = {}
+    for m in moves:
+        groups.setdefault((id(m.src), id(m.dst)), []).append(m)
+    for group in groups.values():
+        batch: list[_Move] = []
+        size = 0
+        for m in group:
+            if batch and (len(batch) >= max_keys or size + m.size > max_bytes):
+                yield batch
+                batch, size = [], 0
+            batch.append(m)
+            size += m.size
+        if batch:
+            yield batch
+
+
+def _copy_batch(store: ShardedStore, batch: list[_Move], tally: _Tally) -> None:
+    src, dst = batch[0].src, batch[0].dst
+    keys = [m.key for m in batch]
+    with store._gate.hold(keys):
+        have = dst.get_many(keys, missing="skip")
+        values = src.get_many(keys, missing="skip")
+        todo = {k: v for k, v in values.items() if have.get(k) != v}
+        if todo:
+            dst.put_many(todo)
+            dst.flush()
+    tally.moved += len(values)
+    tally.copied += len(todo)
+    tally.bytes += sum(len(v) for v in todo.values())
+    # Verify against writers in other processes: they write the old owner first, so a key
+    # that changed there since we read it may have had its newer value overwritten by our copy.
+    written: dict[str, bytes | None] = dict(todo)
+    for _round in range(_VERIFY_ROUNDS):
+        if not written:
+            return
+        src.refresh()
+        now = src.get_many(list(written), missing="skip")
+        changed = {k: now.get(k) for k, v in written.items() if now.get(k) != v}
+        if not changed:
+            return
+        with store._gate.hold(list(changed)):
+            puts = {k: v for k, v in changed.items() if v is not None}
+            gone = [k for k, v in changed.items() if v is None]
+            if puts:
+                dst.put_many(puts)
+            if gone:
+                dst.delete_many(gone)
+            dst.flush()
+        tally.bytes += sum(len(v) for v in puts.values())
+        written = changed
+    raise ConflictError(
+        f"{len(written)} pieces kept changing on {src.url} while being moved to {dst.url}; "
+        "run the reshard again to resume"
+    )
+
+
+def _wait(seconds: float) -> None:
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def run_reshard(
+    store: ShardedStore,
+    new_targets: Sequence[ShardTarget | str],
+    progress: Progress | None = None,
+    *,
+    grace_seconds: float | None = None,
+    batch_keys: int = 512,
+    batch_bytes: int = 32 * 1024 * 1024,
+) -> ReshardReport:
+    """Perform (or resume) the move to ``new_targets``; see the module docstring for the steps.
+
+    ``grace_seconds`` (default: the store's ``layout_check_seconds`` + 1) is how long to wait
+    after each layout change for other processes to adopt it; 0 is safe when no other process
+    has the store open.
+    """
+    started = time.monotonic()
+    new = coerce_targets(new_targets)
+    if batch_keys < 1 or batch_bytes < 1:
+        raise ConfigError("batch_keys and batch_bytes must be >= 1")
+    store._check_writable()
+    grace = store.layout_check_seconds + 1.0 if grace_seconds is None else grace_seconds
+    with store._reshard_lock:
+        for t in new:
+            store._urls.setdefault(t.identity, t.url)
+        store._reload_layout()
+        current = store.layout
+        deleted = 0
+        if current.state == "stable":
+            if targets_fingerprint(new) == current.fingerprint:
+                # Nothing to move; a reshard stopped after its last publish left stale copies.
+                routing = store._routing
+                kept, deleted = sweep(store, routing, routing.all_stores())
+                return ReshardReport(
+                    old_targets=tuple(t.identity for t in current.targets),
+                    new_targets=tuple(t.identity for t in current.targets),
+                    layout_version=current.version,
+                    keys_examined=sum(kept.values()),
+                    keys_moved=0,
+                    keys_copied=0,
+                    bytes_moved=0,
+                    keys_deleted=deleted,
+                    counts_before=kept,
+                    counts_after=kept,
+                    seconds=time.monotonic() - started,
+                )
+            moving = current.begin_reshard(new)
+            added = _check_new_targets(store, current, new)
+            routing = store._routing
+            _, deleted = sweep(store, routing, routing.all_stores() + added)
+            store._publish(moving)
+            _wait(grace)
+            resumed = False
+        else:
+            if targets_fingerprint(new) != current.fingerprint:
+                raise ConfigError(
+                    f"a reshard to {', '.join(t.identity for t in current.targets)} is in progress "
+                    f"(layout v{current.version}); finish it first with those targets, e.g. "
+                    "store.reshard(store.layout.targets)"
+                )
+            moving = current
+            resumed = True
+        routing = store._routing
+        moves, examined, before = _plan(store, routing)
+        total = len(moves)
+        if progress is not None:
+            progress(0, total)
+        tally = _Tally()
+        done = 0
+        for batch in _batches(moves, batch_keys, batch_bytes):
+            _copy_batch(store, batch, tally)
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
+        final = moving.finish_reshard()
+        old = [t.identity for t in moving.previous or ()]
+        store._publish(final, also=old)
+        _wait(grace)
+        after_routing = store._routing
+        involved = after_routing.all_stores() + [
+            s for s in routing.all_stores() if not any(s is o for o in after_routing.all_stores())
+        ]
+        after, swept = sweep(store, after_routing, involved)
+    return ReshardReport(
+        old_targets=tuple(old),
+        new_targets=tuple(t.identity for t in final.targets),
+        layout_version=final.version,
+        keys_examined=examined,
+        keys_moved=tally.moved,
+        keys_copied=tally.copied,
+        bytes_moved=tally.bytes,
+        keys_deleted=deleted + swept,
+        counts_before=before,
+        counts_after=after,
+        seconds=time.monotonic() - started,
+        resumed=resumed,
+    )
+
+
+def _check_new_targets(
+    store: ShardedStore, current: ShardLayout, new: tuple[ShardTarget, ...]
+) -> list[PieceStore]:
+    """Open the targets being added; refuse one holding pieces of something else.
+
+    A new target must be empty, or a shard this store removed earlier (it records an older
+    layout of this store); the latter is swept clean before the move.
+    """
+    known = {t.identity for t in current.targets}
+    added: list[PieceStore] = []
+    for t in new:
+        if t.identity in known:
+            continue
+        recorded = store._read_layouts([t.identity])[t.identity]
+        if recorded is not None and recorded.version > current.version:
+            raise ConflictError(
+                f"target {t.identity!r} records a newer shard layout (v{recorded.version}) than this "
+                f"store's (v{current.version}); it belongs to another store or another reshard ran"
+            )
+        shard = store._stores.get(t.identity)
+        if shard is None:
+            shard = PieceStore(store._backend(t.identity), store.settings)
+            store._stores[t.identity] = shard
+        if recorded is None and next(iter(shard.list()), None) is not None:
+            raise ConfigError(
+                f"new shard target {t.identity!r} already holds pieces of another store; "
+                "give an empty bucket or directory"
+            )
+        added.append(shard)
+    return added
