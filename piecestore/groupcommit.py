@@ -62,6 +62,9 @@ class GroupCommitter:
         self._open = Batch()
         self._inflight: Batch | None = None
         self._stopping = False
+        # A failed flush of buffered records nobody waited for: raised by the next flush(), so
+        # a lost buffered write is never silent.
+        self._unreported: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -94,8 +97,15 @@ class GroupCommitter:
             batches = [b for b in (self._inflight, self._open) if b is not None and b.records]
             self._open.urgent = True
             self._cond.notify_all()
+        first: BaseException | None = None
         for batch in batches:
-            batch.wait()
+            batch.done.wait()
+            first = first or batch.error
+        with self._cond:
+            unreported, self._unreported = self._unreported, None
+        error = first or unreported
+        if error is not None:
+            raise error
 
     def lookup(self, key: str) -> Record | None:
         """Read-your-writes: the newest uncommitted record of ``key``, if any."""
@@ -152,6 +162,9 @@ class GroupCommitter:
                 self._flush_fn(batch.records)
             except BaseException as e:  # handed to every waiter of this batch
                 batch.error = e
+                if batch.waiters == 0:
+                    with self._cond:
+                        self._unreported = self._unreported or e
             finally:
                 with self._cond:
                     self._inflight = None

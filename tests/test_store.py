@@ -216,3 +216,26 @@ def test_get_many_uses_few_requests(store: PieceStore) -> None:
     got = store.get_many([f"g/{i:05d}" for i in range(0, 1000, 3)])
     assert len(got) == 334
     assert calls["n"] <= 5
+
+
+def test_failed_buffered_flush_is_reported_by_flush(tmp_path: Any) -> None:
+    from piecestore import BackendUnavailableError
+
+    with piecestore.open(f"file://{tmp_path}", store_buffered_writes=True) as s:
+        original = s.backend.put
+
+        def failing_put(name: str, data: Any, **kw: Any) -> Any:
+            if name.startswith("tables/"):
+                raise BackendUnavailableError("simulated outage")
+            return original(name, data, **kw)
+
+        s.backend.put = failing_put  # type: ignore[method-assign]
+        s.put("lost", b"1")
+        s._committer._open.urgent = True  # let the flusher try now, with nobody waiting
+        with pytest.raises(BackendUnavailableError):
+            for _ in range(100):
+                s.flush()
+        s.backend.put = original  # type: ignore[method-assign]
+        s.put("kept", b"2")
+        s.flush()
+        assert s.get("kept") == b"2"
