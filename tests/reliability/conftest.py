@@ -1,0 +1,50 @@
+"""Fixtures of the reliability suite: soak gating and the figures each scenario reports.
+
+Figures (cycles, kills, pieces verified, fail-fast seconds, ops/s, RSS growth) are printed in
+the terminal summary, and written as JSON to $PIECESTORE_FIGURES when that is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.reliability._support import SOAK
+
+_FIGURES: list[dict[str, Any]] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if SOAK:
+        return
+    skip = pytest.mark.skip(reason="long soak: set PIECESTORE_SOAK=1 to run")
+    for item in items:
+        if "slow" in item.keywords and "reliability" in str(item.fspath):
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """A dict a test fills with its figures; reported after the run."""
+    data: dict[str, Any] = {}
+    yield data
+    if data:
+        _FIGURES.append({"test": request.node.nodeid.split("::", 1)[-1], **data})
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _FIGURES:
+        return
+    terminalreporter.section("reliability figures")
+    for entry in _FIGURES:
+        rest = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "test")
+        terminalreporter.write_line(f"{entry['test']}: {rest}")
+    path = os.environ.get("PIECESTORE_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            for entry in _FIGURES:
+                f.write(json.dumps(entry) + "\n")
