@@ -128,7 +128,13 @@ def _command(target: typer.Typer, name: str, **kwargs: Any) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kw: Any) -> Any:
-            debug = bool(kw.get("debug", False))
+            # Options given before the command (`piecestore -s URL ls`) apply unless repeated after it.
+            for name in ("store", "config"):
+                if name in kw and kw[name] is None:
+                    kw[name] = _GLOBAL.get(name)
+            if "debug" in kw:
+                kw["debug"] = bool(kw["debug"] or _GLOBAL.get("debug"))
+            debug = bool(kw.get("debug", False) or _GLOBAL.get("debug"))
             try:
                 return fn(*args, **kw)
             except typer.Exit:
@@ -169,11 +175,20 @@ def _fail(code: int, message: str) -> NoReturn:
     raise typer.Exit(code)
 
 
+# The root options of this invocation; the root callback resets them before any command runs.
+_GLOBAL: dict[str, Any] = {}
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     ctx: typer.Context,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
     version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
 ) -> None:
+    _GLOBAL.clear()
+    _GLOBAL.update(store=store, config=config, debug=debug)
     if version:
         from piecestore import __version__
 
@@ -223,12 +238,18 @@ def load_cli_settings(url: str | None, config: Path | None, **overrides: Any) ->
 def open_store(
     url: str | None, config: Path | None, *, read_only: bool = False, **overrides: Any
 ) -> Iterator[Any]:
-    """Open the store the options and settings name; read-only commands never create or write."""
+    """Open the store the options and settings name; read-only commands never create or write.
+
+    A sharded store is not forced read-only: opening it may have to finish recording its layout,
+    and a target missing from the recorded layout must surface as the layout mismatch it is.
+    """
     from piecestore.api import open_with_settings
 
-    if read_only:
-        overrides["store_read_only"] = True
-    store = open_with_settings(load_cli_settings(url, config, **overrides))
+    settings = load_cli_settings(url, config, **overrides)
+    sharded = bool(settings.sharding.targets or settings.sharding.shards)
+    if read_only and not sharded and not settings.store.read_only:
+        settings = load_cli_settings(url, config, **overrides, store_read_only=True)
+    store = open_with_settings(settings)
     try:
         yield store
     finally:
@@ -306,6 +327,15 @@ def _show_report(report: Any, as_json: bool) -> None:
         _print_json(_to_json(report))
     elif hasattr(report, "render"):
         _out().print(report.render())
+    elif hasattr(report, "render_table"):  # the bench package's results
+        console = _out()
+        console.print(report.render_table())
+        if hasattr(report, "render_headline"):
+            console.print(report.render_headline())
+    elif "__str__" not in vars(type(report)) and isinstance(_to_json(report), dict):
+        # A plain dataclass (e.g. ReshardReport): one "field  value" line each.
+        for name, value in _to_json(report).items():
+            typer.echo(f"{name:<16} {value}")
     else:
         typer.echo(str(report))
 
@@ -662,9 +692,10 @@ def gc_cmd(
     """
     # Not read-only even for a dry run: GC reads the server clock by writing a probe object.
     with open_store(store, config) as s, _progress() as progress:
-        gc = _require(s, "gc", "gc")
-        report = _call_with_progress(gc, _Hook(progress, "gc"), dry_run=not delete)
-    _show_report(report, json_)
+        reports = _per_shard(s, "gc", lambda fn, label: _call_with_progress(
+            fn, _Hook(progress, label), dry_run=not delete
+        ))  # fmt: skip
+    _show_reports(reports, json_)
 
 
 @_command(app, "fsck")
@@ -676,11 +707,35 @@ def fsck_cmd(
 ) -> None:
     """Verify every table, record and large piece the manifest reaches; exit 3 on any problem."""
     with open_store(store, config, read_only=True) as s, _progress() as progress:
-        fsck = _require(s, "fsck", "fsck")
-        report = _call_with_progress(fsck, _Hook(progress, "fsck"))
-    _show_report(report, json_)
-    if not _report_ok(report):
+        reports = _per_shard(s, "fsck", lambda fn, label: _call_with_progress(fn, _Hook(progress, label)))
+    _show_reports(reports, json_)
+    if not all(_report_ok(r) for _, r in reports):
         raise typer.Exit(EXIT_CORRUPT)
+
+
+def _per_shard(
+    store: Any, method: str, call: Callable[[Callable[..., Any], str], Any]
+) -> list[tuple[str | None, Any]]:
+    """Run a maintenance method on the store, or on each shard when the store has no such method."""
+    if callable(getattr(store, method, None)):
+        return [(None, call(getattr(store, method), method))]
+    shards = getattr(store, "shards", None)
+    if not isinstance(shards, list):
+        _fail(EXIT_ERROR, f"{method} is not available for {type(store).__name__} in this piecestore build")
+    return [
+        (safe_url(sh.url), call(_require(sh, method, method), f"{method} {i}")) for i, sh in enumerate(shards)
+    ]
+
+
+def _show_reports(reports: list[tuple[str | None, Any]], as_json: bool) -> None:
+    if len(reports) == 1 and reports[0][0] is None:
+        _show_report(reports[0][1], as_json)
+    elif as_json:
+        _print_json({"shards": [{"shard": url, **_to_json(r)} for url, r in reports]})
+    else:
+        for url, report in reports:
+            typer.echo(f"== shard {url}")
+            _show_report(report, False)
 
 
 def _parse_value(text: str) -> Any:
@@ -738,25 +793,57 @@ SetOpt = Annotated[
 
 @_command(app, "bench")
 def bench_cmd(
-    pieces: Annotated[int | None, typer.Option(min=1, help="pieces to write", show_default=False)] = None,
-    size: Annotated[int | None, typer.Option(min=0, help="bytes per piece", show_default=False)] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="writer threads", show_default=False)] = None,
-    set_: SetOpt = None,
+    providers: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[PROVIDER]...",
+            help="memory, file, s3, minio (a local S3 server is started) or store URLs; default: all four",
+            show_default=False,
+        ),
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="short cells: indicative numbers in minutes")
+    ] = False,
+    workload: Annotated[
+        list[str] | None,
+        typer.Option("--workload", "-w", help="workload name or pattern (repeatable)", show_default=False),
+    ] = None,
+    seconds: Annotated[
+        float | None, typer.Option(min=0.01, help="seconds per measured cell", show_default=False)
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="where the JSON and charts go")] = Path(
+        "bench-results"
+    ),
     store: StoreOpt = None,
     config: ConfigOpt = None,
     json_: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Benchmark the store: packed pieces against one object per piece and large-object bandwidth."""
+    """Benchmark piecestore against its storage: large-object bandwidth and one object per piece.
+
+    --store adds that store to the providers. Writes a JSON result and charts under --out.
+    """
     run_bench = _bench_function("run_bench")
-    options = {"pieces": pieces, "size": size, "threads": threads}
-    options = {k: v for k, v in options.items() if v is not None} | _options(set_)
-    _check_accepts(run_bench, options, "bench")
-    url = load_cli_settings(store, config).store.url
-    with _progress() as progress:
-        hook = _Hook(progress, "bench")
-        report = _call_with_progress(run_bench, hook, url, **options)
-    _show_report(report, json_)
+    names = list(providers or []) + ([store] if store else [])
+    result = run_bench(
+        names or None,
+        quick=quick,
+        out_dir=out,
+        progress=not json_ and sys.stderr.isatty(),
+        workloads=workload or None,
+        seconds_per_cell=seconds,
+    )
+    if json_:
+        _print_json(_to_json(result))
+        return
+    console = _out()
+    for method in ("render_table", "render_headline"):
+        render = getattr(result, method, None)
+        if callable(render):
+            console.print(render())
+    for path in [getattr(result, "json_path", None), *getattr(result, "chart_paths", [])]:
+        if path is not None:
+            typer.echo(f"wrote {path}")
 
 
 @_command(app, "check")
@@ -772,40 +859,128 @@ def check_cmd(
     _check_accepts(run_check, options, "check")
     with _err().status(f"checking {safe_url(url)}"):
         report = run_check(url, **options)
+    if isinstance(getattr(report, "url", None), str):
+        report.url = mask_url(report.url)
     _show_report(report, json_)
     if not _report_ok(report):
-        raise typer.Exit(EXIT_ERROR)
+        raise typer.Exit(_check_failure_code(report))
+
+
+def _check_failure_code(report: Any) -> int:
+    """The exit code of the first failed step, from the error class its detail names (else 5)."""
+    import piecestore.errors as errors
+
+    for row in getattr(report, "rows", []):
+        if not getattr(row, "ok", True):
+            name = str(getattr(row, "detail", "")).partition(":")[0].strip()
+            cls = getattr(errors, name, None)
+            if isinstance(cls, type) and issubclass(cls, PieceStoreError):
+                return exit_code_for(cls(""))
+            break
+    return EXIT_ERROR
+
+
+@contextlib.contextmanager
+def _open_sharded(url: str | None, config: Path | None) -> Iterator[Any]:
+    """The sharded store as its shards record it, even when the configuration already names others.
+
+    Why: the usual way to reshard is to edit sharding.targets first; opening then fails with
+    LayoutMismatchError, so reshard opens the recorded layout and moves to the configured one.
+    """
+    from piecestore.api import open_with_settings
+    from piecestore.errors import LayoutMismatchError
+
+    settings = load_cli_settings(url, config)
+    if not (settings.sharding.targets or settings.sharding.shards):
+        _fail(
+            EXIT_USAGE,
+            f"{safe_url(settings.store.url)} is not sharded: configure sharding.targets "
+            "(or sharding.shards with a template) to reshard",
+        )
+    try:
+        store = open_with_settings(settings)
+    except LayoutMismatchError:
+        from piecestore.api import open_store_backend
+        from piecestore.sharding.store import ShardedStore, read_layout
+
+        recorded = []
+        for target_url in settings.shard_urls():
+            with contextlib.suppress(PieceStoreError):
+                backend = open_store_backend(target_url, settings)
+                try:
+                    layout, _ = read_layout(backend)
+                finally:
+                    backend.close()
+                if layout is not None:
+                    recorded.append(layout)
+        if not recorded:
+            raise
+        newest = max(recorded, key=lambda lay: lay.version)
+        store = ShardedStore(settings, targets=list(newest.targets))
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 @_command(app, "reshard")
 def reshard_cmd(
-    targets: Annotated[list[str], typer.Argument(metavar="TARGET...", help="the new shard store URLs")],
+    targets: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[TARGET]...",
+            help="the new shard store URLs; default: the targets the configuration names",
+            show_default=False,
+        ),
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    grace: Annotated[
+        float | None,
+        typer.Option(
+            "--grace",
+            min=0,
+            metavar="SECONDS",
+            help="wait for other processes to see each layout change; default: the store's",
+            show_default=False,
+        ),
+    ] = None,
     store: StoreOpt = None,
     config: ConfigOpt = None,
     json_: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Move a sharded store onto new targets; only the pieces whose owner changes are copied."""
-    with open_store(store, config) as s:
-        reshard = getattr(s, "reshard", None)
-        if not callable(reshard):
-            _fail(
-                EXIT_USAGE,
-                f"{safe_url(str(getattr(s, 'url', '')))} is not sharded: configure sharding.targets "
-                "(or sharding.shards with a template) to reshard",
-            )
+    """Move a sharded store onto new targets; only the pieces whose owner changes are copied.
+
+    Opens the store on the layout its shards record, so editing sharding.targets first and then
+    running `piecestore reshard --yes` works; an interrupted reshard resumes when run again.
+    """
+    with _open_sharded(store, config) as s:
+        reshard = _require(s, "reshard", "reshard")
+        new: list[Any] = list(targets or [])
+        if not new:
+            from piecestore.sharding.store import configured_targets
+
+            new = list(configured_targets(s.settings))
         current = [safe_url(str(getattr(t, "url", t))) for t in getattr(s, "shards", [])]
+        wanted = [safe_url(str(getattr(t, "url", t))) for t in new]
         if not yes:
             if not sys.stdin.isatty():
                 _fail(EXIT_USAGE, "reshard changes where pieces live: pass --yes to run it non-interactively")
             typer.echo(f"from {len(current)} shards: " + ", ".join(current), err=True)
-            typer.echo(f"to   {len(targets)} shards: " + ", ".join(safe_url(t) for t in targets), err=True)
+            typer.echo(f"to   {len(wanted)} shards: " + ", ".join(wanted), err=True)
             if not typer.confirm("reshard now?", default=False, err=True):
                 _fail(EXIT_USAGE, "aborted; nothing changed")
+        options = {} if grace is None else {"grace_seconds": grace}
         with _progress() as progress:
-            report = _call_with_progress(reshard, _Hook(progress, "reshard"), targets)
+            report = _call_with_progress(reshard, _Hook(progress, "reshard"), new, **options)
+        configured = [safe_url(u) for u in s.settings.shard_urls()]
     _show_report(report, json_)
+    if targets and configured != wanted:
+        typer.echo(
+            "note: set sharding.targets to the new targets in your configuration, or opening the "
+            "store will report a layout mismatch",
+            err=True,
+        )
 
 
 # -- settings ---------------------------------------------------------------------------------
