@@ -129,9 +129,9 @@ def _command(target: typer.Typer, name: str, **kwargs: Any) -> Callable[[F], F]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kw: Any) -> Any:
             # Options given before the command (`piecestore -s URL ls`) apply unless repeated after it.
-            for name in ("store", "config"):
-                if name in kw and kw[name] is None:
-                    kw[name] = _GLOBAL.get(name)
+            for opt in ("store", "config"):
+                if opt in kw and kw[opt] is None:
+                    kw[opt] = _GLOBAL.get(opt)
             if "debug" in kw:
                 kw["debug"] = bool(kw["debug"] or _GLOBAL.get("debug"))
             debug = bool(kw.get("debug", False) or _GLOBAL.get("debug"))
