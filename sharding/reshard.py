@@ -29,8 +29,8 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from piecestore.errors import ConfigError, ConflictError
 from piecestore.sharding.layout import ShardLayout
@@ -69,6 +69,9 @@ class ReshardReport:
     @property
     def moved_fraction(self) -> float:
         return self.keys_moved / self.keys_examined if self.keys_examined else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "moved_fraction": round(self.moved_fraction, 6)}
 
 
 @dataclass
@@ -222,8 +225,11 @@ def run_reshard(
 ) -> ReshardReport:
     """Perform (or resume) the move to ``new_targets``; see the module docstring for the steps.
 
-    ``grace_seconds`` (default: the store's ``layout_check_seconds`` + 1) is how long to wait
-    after each layout change for other processes to adopt it; 0 is safe when no other process
+    ``grace_seconds`` is how long to wait after each layout change before moving or deleting
+    anything: other handles adopt a new layout within their ``layout_check_seconds``, and see
+    a shard's new commits within ``engine.refresh_interval_seconds``; a handle whose view of a
+    new owner predates the copy must not yet see the old owner's delete. The default is the
+    larger of the two (as configured here) plus one second; 0 is safe when no other handle
     has the store open.
     """
     started = time.monotonic()
@@ -231,7 +237,10 @@ def run_reshard(
     if batch_keys < 1 or batch_bytes < 1:
         raise ConfigError("batch_keys and batch_bytes must be >= 1")
     store._check_writable()
-    grace = store.layout_check_seconds + 1.0 if grace_seconds is None else grace_seconds
+    if grace_seconds is None:
+        refresh = max(store.settings.engine.refresh_interval_seconds, 0.0)
+        grace_seconds = max(store.layout_check_seconds, refresh) + 1.0
+    grace = grace_seconds
     with store._reshard_lock:
         for t in new:
             store._urls.setdefault(t.identity, t.url)
@@ -328,10 +337,11 @@ def _check_new_targets(
                 f"target {t.identity!r} records a newer shard layout (v{recorded.version}) than this "
                 f"store's (v{current.version}); it belongs to another store or another reshard ran"
             )
-        shard = store._stores.get(t.identity)
-        if shard is None:
-            shard = PieceStore(store._backend(t.identity), store.settings)
-            store._stores[t.identity] = shard
+        with store._layout_lock:
+            shard = store._stores.get(t.identity)
+            if shard is None:
+                shard = PieceStore(store._backend(t.identity), store.settings)
+                store._stores[t.identity] = shard
         if recorded is None and next(iter(shard.list()), None) is not None:
             raise ConfigError(
                 f"new shard target {t.identity!r} already holds pieces of another store; "
