@@ -9,7 +9,7 @@ from piecestore.backends import Backend, open_backend
 from piecestore.settings import Settings, load_settings
 from piecestore.store import PieceStore
 
-DEFAULT_URL = "file://./piecestore-data"
+DEFAULT_URL = "./piecestore-data"  # a path: relative to the working directory
 
 
 def backend_options(settings: Settings, url: str) -> dict[str, Any]:

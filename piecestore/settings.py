@@ -333,7 +333,7 @@ class GcSettings(_Group):
     dead_fraction: float = Field(
         default=0.3, gt=0, le=1, description="compact a table once this fraction of it is dead"
     )
-    auto_compact: bool = Field(default=False, description="compact in the background")
+    auto_compact: bool = Field(default=True, description="compact in the background; false turns it off")
     compact_min_tables: int = Field(
         default=8, ge=2, le=100_000, description="background compaction starts once the manifest lists this many tables"
     )

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
+import numpy as np
+
 from piecestore.backends import Backend
 from piecestore.cache import ByteLRU
 from piecestore.diskcache import DiskCache
@@ -42,6 +44,7 @@ from piecestore.table import (
     decode_keys,
     decode_record,
     encode_external,
+    key_hash,
     keys_span,
     record_span,
 )
@@ -247,7 +250,7 @@ class PieceStore:
         def work() -> None:
             from piecestore.lease import GCBusyError
 
-            with contextlib.suppress(GCBusyError):
+            with contextlib.suppress(GCBusyError, ReadOnlyError):
                 self.gc(compact=True)
 
         self._compactor = threading.Thread(target=work, name="piecestore-compactor", daemon=True)
@@ -412,20 +415,26 @@ class PieceStore:
             elif pending[0] == EXTERNAL:
                 externals[key] = pending[1]
         by_table: list[tuple[TableSpec, TableIndex, list[tuple[str, int]]]] = []
+        # Hash every key once; each table then costs two vectorised binary searches over the
+        # keys still unresolved, so many tables stay cheap.
+        hashes = np.fromiter((key_hash(k) for k in todo), dtype=np.uint64, count=len(todo))
+        remaining = np.arange(len(todo))
         for spec, index in self.tables.snapshot():
-            if not todo:
+            if remaining.size == 0:
                 break
-            found = index.find_many(todo)
+            probe = hashes[remaining]
+            lo = index.hashes.searchsorted(probe, side="left")
+            hi = index.hashes.searchsorted(probe, side="right")
+            found = hi > lo
+            if not found.any():
+                continue
             hits: list[tuple[str, int]] = []
-            rest: list[str] = []
-            for key, positions in zip(todo, found, strict=True):
-                if positions:
-                    hits.extend((key, p) for p in positions)
-                else:
-                    rest.append(key)
-            if hits:
-                by_table.append((spec, index, hits))
-            todo = rest
+            for i, start, end in zip(
+                remaining[found].tolist(), lo[found].tolist(), hi[found].tolist(), strict=True
+            ):
+                hits.extend((todo[i], int(p)) for p in index.positions[start:end])
+            by_table.append((spec, index, hits))
+            remaining = remaining[~found]
         results = self._read_pool.map(self._fetch_table_records, by_table)
         for table_result in results:
             for key, (kind, payload) in table_result.items():
@@ -583,6 +592,9 @@ class PieceStore:
         """
         from piecestore.gc import GarbageCollector
 
+        compactor = self._compactor
+        if compactor is not None and compactor is not threading.current_thread():
+            compactor.join()  # our own background compaction holds the lease: let it finish
         if not dry_run:
             self._check_writable()
             self.flush()

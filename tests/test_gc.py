@@ -27,7 +27,14 @@ def later(seconds: float) -> Any:
 
 @pytest.fixture
 def store(driver: str, store_url: str) -> Iterator[PieceStore]:
-    with open_store(driver, store_url, gc_grace_seconds=60, engine_table_target_bytes=2 * 1024 * 1024) as s:
+    # Background compaction off: these tests assert exactly what one explicit pass does.
+    with open_store(
+        driver,
+        store_url,
+        gc_grace_seconds=60,
+        engine_table_target_bytes=2 * 1024 * 1024,
+        gc_auto_compact=False,
+    ) as s:
         yield s
 
 
@@ -105,7 +112,7 @@ def test_large_piece_objects_follow_their_records(store: PieceStore) -> None:
 
 def test_reader_with_old_view_survives_compaction(driver: str, store_url: str) -> None:
     with (
-        open_store(driver, store_url, gc_grace_seconds=60) as writer,
+        open_store(driver, store_url, gc_grace_seconds=60, gc_auto_compact=False) as writer,
         open_store(driver, store_url, engine_refresh_interval_seconds=3600) as reader,
     ):
         for r in range(3):
@@ -135,7 +142,7 @@ def test_one_gc_at_a_time_and_crashed_lease_expires(store: PieceStore) -> None:
 
 def test_fsck_finds_damage_and_reads_stay_safe(tmp_path: Any) -> None:
     url = f"file://{tmp_path}"
-    with piecestore.open(url) as store:
+    with piecestore.open(url, gc_auto_compact=False) as store:
         store.put_many({f"f/{i}": bytes([i]) * 300 for i in range(50)})
         store.put_many({f"g/{i}": bytes([i]) * 300 for i in range(50)})
         store.put("big", os.urandom(1_500_000))
@@ -154,7 +161,7 @@ def test_fsck_finds_damage_and_reads_stay_safe(tmp_path: Any) -> None:
 
 
 def _churn(url: str, worker: int, rounds: int) -> None:
-    with piecestore.open(url, engine_flush_linger_ms=1.0, gc_grace_seconds=1) as s:
+    with piecestore.open(url, engine_flush_linger_ms=1.0, gc_grace_seconds=1, gc_auto_compact=False) as s:
         for r in range(rounds):
             s.put_many({f"w{worker}/{i}": f"{worker}-{r}-{i}".encode() * 20 for i in range(40)})
             s.delete(f"w{worker}/{r % 40}")
@@ -164,7 +171,9 @@ def _churn(url: str, worker: int, rounds: int) -> None:
 def test_gc_concurrent_with_writer_processes_and_readers(tmp_path: Any) -> None:
     url = f"file://{tmp_path}"
     workers, rounds = 3, 60
-    with piecestore.open(url, gc_grace_seconds=1, engine_refresh_interval_seconds=0.2) as store:
+    with piecestore.open(
+        url, gc_grace_seconds=1, engine_refresh_interval_seconds=0.2, gc_auto_compact=False
+    ) as store:
         store.put_many({f"stable/{i}": f"s{i}".encode() for i in range(200)})
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_churn, args=(url, w, rounds)) for w in range(workers)]
