@@ -17,7 +17,9 @@ targets resumes wherever a crash or an exception stopped it):
    run copies only what is left). After each batch the mover re-reads the keys it wrote from
    the old owner; a key that changed there was written (or deleted) by a client meanwhile, and
    since clients write the old owner first, re-applying what the old owner now holds, until
-   it stops changing, guarantees a copy never shadows a newer client write.
+   it stops changing, guarantees a copy never shadows a newer client write. (For writers in
+   other processes this needs their writes to be durable in that order: buffered writes or an
+   open batch() there can commit the new owner first; in this process the gate covers them.)
 4. Publish the stable layout with the new targets (also to removed targets, so a config still
    naming one fails clearly), wait ``grace_seconds`` again, and sweep: every shard deletes the
    keys it no longer owns. A removed target thus keeps only tombstones and its layout object;
