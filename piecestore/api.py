@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from piecestore.backends import Backend, open_backend
 from piecestore.settings import Settings, load_settings
+from piecestore.sharding.layout import LAYOUT_OBJECT
 from piecestore.store import PieceStore
 
 DEFAULT_URL = "./piecestore-data"  # a path: relative to the working directory
@@ -79,4 +80,14 @@ def open_with_settings(settings: Settings) -> Any:
 
         return ShardedStore.open(settings)
     url = settings.store.url or DEFAULT_URL
-    return PieceStore(open_store_backend(url, settings), settings)
+    backend = open_store_backend(url, settings)
+    try:
+        # One shard of a sharded store opened alone would miss every other shard's pieces.
+        if backend.exists(LAYOUT_OBJECT):
+            from piecestore.sharding.store import check_unsharded
+
+            check_unsharded(backend)
+        return PieceStore(backend, settings)
+    except BaseException:
+        backend.close()
+        raise

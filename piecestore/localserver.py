@@ -83,7 +83,9 @@ class LocalS3Server:
             cmd = [
                 weed, "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-                "-s3", f"-s3.port={s3}", "-master.volumeSizeLimitMB=256", "-volume.max=0",
+                # iceberg/lance listeners default to fixed ports: a second server would die on them
+                "-s3", f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-master.volumeSizeLimitMB=256", "-volume.max=0",
                 "-volume.preStopSeconds=0",
             ]  # fmt: skip
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -29,6 +29,7 @@ __all__ = ["LAYOUT_FORMAT", "LayoutDiff", "ShardLayout", "check_matches", "diff_
 
 #: Version of the JSON document's shape (not the layout's generation, which is ``version``).
 LAYOUT_FORMAT = 1
+LAYOUT_OBJECT = "shard-layout.json"  # the object every shard of a sharded store holds
 _KIND = "piecestore.shard-layout"
 _STATES = ("stable", "resharding")
 _MAX_LISTED = 8

@@ -50,7 +50,7 @@ from piecestore.errors import (
 )
 from piecestore.keys import check_key, check_value
 from piecestore.manifest import MANIFEST_NAME
-from piecestore.sharding.layout import ShardLayout, check_matches
+from piecestore.sharding.layout import LAYOUT_OBJECT, ShardLayout, check_matches
 from piecestore.sharding.router import Router, ShardTarget, coerce_targets, targets_fingerprint
 from piecestore.store import PieceInfo, PieceStore
 
@@ -68,7 +68,6 @@ __all__ = [
 ]
 
 #: The object, in every shard's backend next to manifest.json, that records the shard layout.
-LAYOUT_OBJECT = "shard-layout.json"
 #: A handle re-reads the recorded layout at least this often (before its next operation).
 LAYOUT_CHECK_SECONDS = 5.0
 _LIST_CHUNK = 512

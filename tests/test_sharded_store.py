@@ -365,3 +365,11 @@ __all__ = [
     "test_put_get_head_exists_delete",
     "test_put_many_get_many",
 ]
+
+
+def test_one_shard_opened_alone_is_refused(tmp_path: Path) -> None:
+    urls = [f"file://{tmp_path}/s{i}" for i in range(3)]
+    with piecestore.open(shards=urls) as s:
+        s.put_many({f"k{i}": b"v" for i in range(30)})
+    with pytest.raises(LayoutMismatchError):
+        piecestore.open(urls[0])
