@@ -226,6 +226,13 @@ class _Redactor(logging.Filter):
 
         return remove
 
+    def redact(self, text: str) -> str:
+        with self._lock:
+            secrets = list(self._secrets)
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+
     def filter(self, record: logging.LogRecord) -> bool:
         with self._lock:
             secrets = list(self._secrets)
@@ -254,3 +261,8 @@ def hide_in_logs(creds: ResolvedCredentials) -> Callable[[], None]:
         if _REDACTOR not in logger.filters:
             logger.addFilter(_REDACTOR)
     return _REDACTOR.add(values)
+
+
+def redact(text: str) -> str:
+    """Mask every live driver's secrets in text taken from a foreign exception."""
+    return _REDACTOR.redact(text)

@@ -60,6 +60,7 @@ from piecestore.backends.s3 import (
     reject_userinfo,
     sorted_walk,
     split_upload,
+    unexpected,
     validate_bucket,
     validate_store_prefix,
     walk_listing,
@@ -109,7 +110,7 @@ def classify_minio(e: Exception, ctx: ErrorContext) -> Exception:
     if isinstance(e, (ux.HTTPError, TimeoutError, ConnectionError, OSError)):
         what = repr(ctx.name) if ctx.name else "the store"
         return Retryable(f"{ctx.op} {what}: {type(e).__name__}", e)
-    return e
+    return unexpected(e, ctx)
 
 
 def _error_status(e: BaseException) -> tuple[str | None, int | None]:

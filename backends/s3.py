@@ -40,6 +40,7 @@ from piecestore.backends.credentials import (
     env_region,
     hide_in_logs,
     parse_bool,
+    redact,
     resolve_credentials,
 )
 from piecestore.backends.retry import Retryable, RetryPolicy
@@ -355,6 +356,22 @@ class LoopThread:
             raise RuntimeError("S3Backend methods must not be called from its own event loop thread")
         return self.submit(coro).result()
 
+    def cancel_pending(self) -> None:
+        """Cancel whatever is still running (say, after a caller gave up) before closing."""
+
+        async def cancel() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if not self.loop.is_closed() and self.thread.is_alive():
+            try:
+                self.submit(cancel()).result(timeout=5)
+                self.submit(self.loop.shutdown_default_executor()).result(timeout=5)  # DNS lookups
+            except Exception as e:
+                log.debug("cancelling pending requests failed: %s", type(e).__name__)
+
     def stop(self) -> None:
         if self.loop.is_closed():
             return
@@ -369,16 +386,21 @@ async def retry_async(
     attempt: Callable[[], Awaitable[T]],
     classify_error: Callable[[Exception], tuple[Exception, BaseException]],
     what: str,
+    min_attempt: float = 0.0,
 ) -> T:
     """RetryPolicy.call for coroutines: same budget, same BackendUnavailableError at the end.
 
     ``classify_error`` returns (exception to raise or Retryable, the SDK error to chain).
+    Each attempt is also cut off at the remaining deadline (but given at least
+    ``min_attempt``), so a server that accepts a connection and then never answers, or
+    never sends 100-continue, cannot hold a call past the policy.
     """
     started = time.monotonic()
     tries = 0
     while True:
         try:
-            return await attempt()
+            limit = max(min_attempt, policy.deadline - (time.monotonic() - started))
+            return await asyncio.wait_for(attempt(), timeout=limit)
         except Exception as e:
             mapped, cause = classify_error(e)
             if not isinstance(mapped, Retryable):
@@ -440,9 +462,10 @@ def _classify_transport(e: Exception, ctx: ErrorContext) -> Exception:
 
     if isinstance(e, (PieceStoreError, Retryable)):
         return e
-    if isinstance(e, bx.NoCredentialsError):
+    if isinstance(e, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError)):
+        detail = "" if isinstance(e, bx.NoCredentialsError) else f" ({type(e).__name__}: {e})"
         return PermissionDeniedError(
-            f"no credentials found for {ctx.display_url}: pass access_key and secret_key, set "
+            f"no credentials found for {ctx.display_url}{detail}: pass access_key and secret_key, set "
             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, configure web identity, or use anonymous=True"
         )
     if isinstance(e, bx.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(e):
@@ -454,9 +477,15 @@ def _classify_transport(e: Exception, ctx: ErrorContext) -> Exception:
     if isinstance(e, (*transport, aiohttp.ClientError, TimeoutError, ConnectionError, OSError)):
         what = repr(ctx.name) if ctx.name else "the store"
         return Retryable(f"{ctx.op} {what}: {type(e).__name__}", e)
-    if isinstance(e, bx.BotoCoreError):
-        return PieceStoreError(f"{ctx.op} on {ctx.display_url} failed: {type(e).__name__}: {e}")
-    return e
+    return unexpected(e, ctx)
+
+
+def unexpected(e: Exception, ctx: ErrorContext) -> PieceStoreError:
+    """Anything unclassified still becomes a piecestore error (chained by the caller)."""
+    what = f" {ctx.name!r}" if ctx.name else ""
+    return PieceStoreError(
+        f"{ctx.op}{what} on {ctx.display_url} failed: {type(e).__name__}: {redact(str(e))}"
+    )
 
 
 def _strip(etag: str) -> str:
@@ -595,7 +624,14 @@ class S3Backend(Backend):
             f"{ctx.op} {ctx.name!r} on {self.display_url}" if ctx.name else f"{ctx.op} on {self.display_url}"
         )
         try:
-            return await retry_async(self._settings.retry, attempt, lambda e: classify_botocore(e, ctx), what)
+            st = self._settings
+            return await retry_async(
+                st.retry,
+                attempt,
+                lambda e: classify_botocore(e, ctx),
+                what,
+                st.connect_timeout + st.read_timeout,
+            )
         except PermissionDeniedError as e:
             # SeaweedFS (and some proxies) answer a write to a missing bucket with 403.
             if await self._bucket_missing():
@@ -847,6 +883,7 @@ class S3Backend(Backend):
 def _shutdown(loop: LoopThread, fs: Any, unhide: Callable[[], None]) -> None:
     """Close the HTTP session, then the loop; also run by the finalizer if close() was skipped."""
     unhide()
+    loop.cancel_pending()
     creator = getattr(fs, "_s3creator", None)
     if creator is not None and not loop.loop.is_closed():
         try:

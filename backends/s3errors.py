@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from piecestore.backends.credentials import redact
 from piecestore.backends.retry import Retryable
 from piecestore.errors import (
     AlreadyExistsError,
@@ -124,7 +125,7 @@ def map_error(
             f"{what} in {ctx.display_url} changed or is gone "
             f"(expected etag {ctx.expected_etag!r}); re-read and retry"
         )
-    detail = f": {message}" if message else ""
+    detail = f": {redact(message)}" if message else ""
     return PieceStoreError(
         f"{ctx.op} {what} on {ctx.display_url} failed with {label} (HTTP {status}){detail}"
     )

@@ -9,7 +9,7 @@ import pytest
 from piecestore.backends import open_backend
 from piecestore.backends.minio import MinioBackend
 from piecestore.backends.s3 import S3Backend
-from piecestore.errors import ConfigError
+from piecestore.errors import ConfigError, PieceStoreError
 
 KEYS = {"access_key": "AKIAEXAMPLE", "secret_key": "example-secret-value"}
 
@@ -163,8 +163,9 @@ def test_request_urls_without_sending(url: str, expected: str) -> None:
             client.meta.events.register("before-send.s3", stop)
 
         b._loop.run(hook())
-        with pytest.raises(Captured):
+        with pytest.raises(PieceStoreError, match="Captured") as info:
             b.get("k")
+        assert isinstance(info.value.__cause__, Captured)
     assert seen == [expected]
 
 
