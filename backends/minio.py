@@ -288,7 +288,7 @@ class MinioBackend(Backend):
             return self._settings.retry.call(attempt, what=what)
         except PermissionDeniedError as e:
             # SeaweedFS (and some proxies) answer a write to a missing bucket with 403.
-            if self._bucket_missing():
+            if _error_status(e)[1] == 403 and self._bucket_missing():
                 raise map_error("NoSuchBucket", 404, None, ctx, e) from e
             raise
 

@@ -634,7 +634,7 @@ class S3Backend(Backend):
             )
         except PermissionDeniedError as e:
             # SeaweedFS (and some proxies) answer a write to a missing bucket with 403.
-            if await self._bucket_missing():
+            if error_code(e)[1] == 403 and await self._bucket_missing():
                 raise map_error("NoSuchBucket", 404, None, ctx, e) from e
             raise
 
