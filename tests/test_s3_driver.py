@@ -321,8 +321,8 @@ def test_no_credentials_anywhere_is_a_clear_error(
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "1")
     monkeypatch.setenv("AWS_METADATA_SERVICE_TIMEOUT", "1")
-    if remote == "minio":  # minio's chain would try the EC2 metadata address otherwise
-        monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://127.0.0.1:1/creds")  # refused at once
+    if remote == "minio":  # minio's chain would try the EC2 metadata address otherwise; this is refused
+        monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://127.0.0.1:1/creds")
     monkeypatch.setenv("HOME", str(tmp_path))
     url = remote_url(remote, s3_server.endpoint, s3_server.s3_port)
     with open_backend(url, **FAST) as b:
