@@ -64,6 +64,7 @@ MIN_PART = 5 * MiB  # S3's floor for every part but the last
 MAX_PART = 5 * 1024 * MiB
 MAX_PARTS = 10_000
 DELETE_BATCH = 1000
+CONTINUE_ABOVE = 1 * MiB
 LIST_PAGE = 1000
 
 # -- settings shared by both S3-protocol drivers --------------------------------------------
@@ -488,6 +489,17 @@ def unexpected(e: Exception, ctx: ErrorContext) -> PieceStoreError:
     )
 
 
+def skip_continue_for_small_bodies(request: Any, **_: Any) -> None:
+    """botocore asks for 100-continue on every PutObject: a whole extra round trip, which
+    only pays off when a refusal would save sending a big body."""
+    from botocore.utils import determine_content_length
+
+    if "Expect" in request.headers:
+        size = determine_content_length(request.data)
+        if size is not None and size <= CONTINUE_ABOVE:
+            del request.headers["Expect"]
+
+
 def _strip(etag: str) -> str:
     return etag.strip('"')
 
@@ -557,6 +569,7 @@ class S3Backend(Backend):
         self._loop = LoopThread(f"piecestore-s3-{location.bucket}")
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._fs = self._make_fs()
+        self._hooked: Any = None
         self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._fs, hide_in_logs(credentials))
 
     def _make_fs(self) -> Any:
@@ -617,6 +630,10 @@ class S3Backend(Backend):
 
     async def _s3(self, method: str, **kwargs: Any) -> Any:
         async with self._sem:
+            client = await self._fs.set_session()
+            if client is not self._hooked:  # s3fs may rebuild its client; hook each one once
+                client.meta.events.register("before-sign.s3.PutObject", skip_continue_for_small_bodies)
+                self._hooked = client
             return await self._fs._call_s3(method, Bucket=self._loc.bucket, **kwargs)
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]], ctx: ErrorContext) -> T:

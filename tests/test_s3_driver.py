@@ -175,6 +175,19 @@ def test_anonymous_sends_no_signature(remote: str, canned: Any) -> None:
     assert signed["Authorization"].startswith("AWS4-HMAC-SHA256")
 
 
+def test_small_puts_skip_the_100_continue_round_trip(canned: Any) -> None:
+    server = canned(412, "PreconditionFailed")
+    with open_backend(
+        remote_url("s3", server.endpoint, server.port, prefix="p"), **s3_credentials(), **FAST
+    ) as b:
+        for body in (b"small", os.urandom(2 * 1024 * 1024)):
+            with pytest.raises(AlreadyExistsError):
+                b.put("k", body, mode="create")
+    small, large = (headers for method, _, headers in server.requests if method == "PUT")
+    assert "Expect" not in small and small["If-None-Match"] == "*"
+    assert large["Expect"] == "100-continue"
+
+
 def test_unreachable_endpoint_fails_fast(remote: str) -> None:
     import socket
 
