@@ -502,12 +502,12 @@ def test_multi_process_create_race_has_one_winner(s3_server: LocalS3Server, remo
 
 def test_driver_loop_is_shut_down_on_close(s3_server: LocalS3Server) -> None:
     url = remote_url("s3", s3_server.endpoint, s3_server.s3_port)
-    before = threading.active_count()
+    before = set(threading.enumerate())
     b = open_backend(url, **s3_credentials())
     assert isinstance(b, S3Backend)
     b.put("k", b"v")
     b.close()
     b.close()  # idempotent
     assert not b._loop.thread.is_alive() and b._loop.loop.is_closed()
-    assert threading.active_count() <= before
+    assert [t.name for t in set(threading.enumerate()) - before if t.is_alive()] == []  # loop and DNS threads
     assert asyncio.iscoroutinefunction(S3Backend._read)
