@@ -335,7 +335,10 @@ class GcSettings(_Group):
     )
     auto_compact: bool = Field(default=True, description="compact in the background; false turns it off")
     compact_min_tables: int = Field(
-        default=8, ge=2, le=100_000, description="background compaction starts once the manifest lists this many tables"
+        default=8,
+        ge=2,
+        le=100_000,
+        description="background compaction starts once the manifest lists this many tables",
     )
     lease_seconds: float = Field(
         default=60.0, gt=0, le=86400, description="GC/compaction lease; a crashed holder loses it after this"
