@@ -57,6 +57,19 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL the server if the process that started it dies.
+
+    A test run killed by a timeout never reaches its teardown; without this its server
+    would live on, holding ports and disk.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class LocalS3Server:
     """``with LocalS3Server() as srv: srv.endpoint`` -> http://127.0.0.1:PORT."""
 
@@ -88,7 +101,9 @@ class LocalS3Server:
                 "-master.volumeSizeLimitMB=256", "-volume.max=0",
                 "-volume.preStopSeconds=0",
             ]  # fmt: skip
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+            )
             self.s3_port = s3
             self.endpoint = f"http://127.0.0.1:{s3}"
             if self._wait_ready():
