@@ -239,3 +239,28 @@ def test_failed_buffered_flush_is_reported_by_flush(tmp_path: Any) -> None:
         s.put("kept", b"2")
         s.flush()
         assert s.get("kept") == b"2"
+
+
+def test_backend_without_conditional_writes_is_refused_for_writing() -> None:
+    import dataclasses
+
+    from piecestore import UnsupportedError
+    from piecestore.backends.memory import MemoryBackend
+    from piecestore.settings import load_settings
+
+    class NoCAS(MemoryBackend):
+        @property
+        def capabilities(self) -> Any:
+            return dataclasses.replace(
+                super().capabilities, conditional_create=False, conditional_match=False
+            )
+
+    backend = NoCAS("nocas-test")
+    backend.put("tables/x", b"untouched")
+    with PieceStore(backend, load_settings()) as s:
+        with pytest.raises(UnsupportedError, match="conditional writes"):
+            s.put("k", b"v")
+        with pytest.raises(UnsupportedError):
+            s.delete("k")
+        assert list(s.list()) == []  # reads still work
+    assert [m.name for m in backend.list()] == ["tables/x"]  # nothing was written
