@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
+
+import xxhash
 
 from piecestore.backends import Backend, IfMatch
 from piecestore.errors import (
@@ -31,7 +34,8 @@ from piecestore.errors import (
 MANIFEST_NAME = "manifest.json"
 TABLES_PREFIX = "tables/"
 BLOBS_PREFIX = "blobs/"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2 = 1 plus a trailing xxh3-64 checksum of the bytes before it
+_CHECKSUM_TAIL = re.compile(rb',"checksum":"([0-9a-f]{16})"\}\Z')
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +102,23 @@ class Manifest:
             "layout": self.layout,
             "extra": self.extra,
         }
-        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        data = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        return data[:-1] + b',"checksum":"%016x"}' % xxhash.xxh3_64_intdigest(data)
 
     @staticmethod
     def from_bytes(data: bytes, where: str) -> Manifest:
+        tail = _CHECKSUM_TAIL.search(data)
+        if tail is not None and int(tail[1], 16) != xxhash.xxh3_64_intdigest(data[: tail.start()] + b"}"):
+            raise CorruptionError(
+                f"manifest of {where} fails its checksum; run `piecestore fsck` and restore it from a backup"
+            )
         try:
             obj = json.loads(data)
-            if obj.get("format") != MANIFEST_FORMAT:
+            if obj.get("format") == MANIFEST_FORMAT and tail is None:
+                raise CorruptionError(
+                    f"manifest of {where} has lost its checksum (damaged); restore it from a backup"
+                )
+            if obj.get("format") not in (1, MANIFEST_FORMAT):  # format 1: no checksum yet
                 raise CorruptionError(
                     f"manifest of {where} has format {obj.get('format')!r}; this piecestore reads format "
                     f"{MANIFEST_FORMAT}: upgrade piecestore"
