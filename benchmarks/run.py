@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--check", metavar="URL", help="run the provider functional check instead")
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table
     if args.check:
         check = run_check(args.check)
         console.print(check.render_table())
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(result.render_table())
     console.print(result.render_headline())
     console.print(f"results: {result.json_path}")
+    console.print(f"table:   {result.markdown_path}")
     for path in result.chart_paths:
         console.print(f"chart:   {path}")
     console.print(f"took {time.monotonic() - t0:.0f} s")
