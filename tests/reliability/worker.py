@@ -75,7 +75,7 @@ class Worker:
         self.tail.update()
         self.prior = replay(cfg["log"])
         self.stop = threading.Event()
-        self.counts = {"writes": 0, "reads": 0, "gc": 0, "gc_busy": 0}
+        self.counts = {"writes": 0, "reads": 0, "gc": 0, "gc_busy": 0, "gc_deleted": 0}
         self.count_lock = threading.Lock()
         self.store: PieceStore = open_store(cfg["url"], **cfg.get("overrides", {}))
         if cfg.get("selfkill_at"):
@@ -192,8 +192,9 @@ class Worker:
         ahead = timedelta(hours=1) if self.cfg.get("gc") == "ahead" else None
         clock = (lambda: datetime.now(UTC) + ahead) if ahead is not None else None
         try:
-            self.store.gc(clock=clock)
+            report = self.store.gc(clock=clock)
             self.bump("gc")
+            self.bump("gc_deleted", report.deleted)
         except GCBusyError:
             self.bump("gc_busy")
 
