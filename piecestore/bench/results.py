@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -230,6 +231,11 @@ def headline(rows: list[Row]) -> list[Check]:
 # -- formatting ------------------------------------------------------------------------------
 
 
+def _ratio(r: float | None) -> str:
+    """Truncated, never rounded up: 0.6996 shows as 0.69x, not as a passing-looking 0.70x."""
+    return "-" if r is None else f"{math.floor(r * 100) / 100:.2f}x"
+
+
 def _fmt(x: float) -> str:
     if x >= 100_000:
         return f"{x / 1000:.0f}k"
@@ -364,7 +370,7 @@ class BenchResult:
             "|:--|:--|--:|--:|:--|:--|",
         ]
         for c in self.checks:
-            ratio = "-" if c.ratio is None else f"{c.ratio:.2f}x"
+            ratio = _ratio(c.ratio)
             lines.append(
                 f"| {c.provider} | {c.check} | {ratio} | >= {c.target:g}x | **{c.status}** | {c.figures} |"
             )
@@ -377,7 +383,7 @@ class BenchResult:
         colors = {"PASS": "green", "FAIL": "red", "INFO": "cyan", "N/A": "yellow"}
         for c in self.checks:
             table.add_row(
-                c.provider, c.check, "-" if c.ratio is None else f"{c.ratio:.2f}x", f">= {c.target:g}x",
+                c.provider, c.check, _ratio(c.ratio), f">= {c.target:g}x",
                 f"[{colors[c.status]}]{c.status}[/]", c.figures,
             )  # fmt: skip
         return table
