@@ -6,6 +6,7 @@ survives the process.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -77,13 +78,16 @@ class MemoryBackend(Backend):
             # A write counter in the etag keeps rewrites of identical bytes distinguishable.
             serial = 0 if current is None else int(current[1].etag.split("-")[1], 16) + 1
             meta = ObjectMeta(
-                name=name,
+                name=key,  # the full key: handles on other prefixes see their own relative name
                 size=len(blob),
                 etag=f"{xxhash.xxh3_64_hexdigest(blob)}-{serial:x}",
                 last_modified=datetime.now(UTC),
             )
             self._space.objects[key] = (blob, meta)
-            return meta
+            return self._relative(meta)
+
+    def _relative(self, meta: ObjectMeta) -> ObjectMeta:
+        return dataclasses.replace(meta, name=meta.name[len(self._prefix) :])
 
     def _lookup(self, name: str) -> tuple[bytes, ObjectMeta]:
         with self._space.lock:
@@ -98,10 +102,11 @@ class MemoryBackend(Backend):
         return blob[offset:end]
 
     def _head(self, name: str) -> ObjectMeta:
-        return self._lookup(name)[1]
+        return self._relative(self._lookup(name)[1])
 
     def _get_with_meta(self, name: str) -> tuple[bytes, ObjectMeta]:
-        return self._lookup(name)
+        blob, meta = self._lookup(name)
+        return blob, self._relative(meta)
 
     def _list(self, prefix: str) -> Iterator[ObjectMeta]:
         full = self._prefix + prefix
@@ -111,7 +116,7 @@ class MemoryBackend(Backend):
             with self._space.lock:
                 found = self._space.objects.get(key)
             if found is not None:
-                yield found[1]
+                yield self._relative(found[1])
 
     def _delete(self, name: str) -> None:
         with self._space.lock:

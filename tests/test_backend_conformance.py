@@ -224,3 +224,17 @@ def test_get_with_meta_pairs_bytes_and_etag(backend: Backend) -> None:
     assert data == b"two!" and meta.etag == second.etag
     with pytest.raises(NotFoundError):
         backend.get_with_meta("gm-missing")
+
+
+def test_parent_prefix_lists_child_names(driver: str, store_url: str) -> None:
+    if driver == "file":
+        pytest.skip("a file store is its own directory")
+    base, _, query = store_url.partition("?")
+    child = f"{base}/child" + (f"?{query}" if query else "")
+    with (
+        open_backend(child, **driver_options(driver)) as c,
+        open_backend(store_url, **driver_options(driver)) as p,
+    ):
+        c.put("obj", b"1")
+        assert [m.name for m in p.list()] == ["child/obj"]
+        assert p.head("child/obj").name == "child/obj" and c.head("obj").name == "obj"
