@@ -197,6 +197,32 @@ class GarbageCollector:
         return report
 
     # -- compaction ----------------------------------------------------------------------
+    def compact_tiered(self, min_tables: int) -> GCReport:
+        """Background compaction: merge the newest run of similar-sized small tables.
+
+        A table joins the run while it is no bigger than all newer tables of the run together,
+        so each byte is rewritten about log2(n) times, not on every merge (size tiering, as
+        LSM stores do). It reads only the run's tables and needs no lease: the swap is a CAS
+        that fails cleanly if anything else changed those tables. Records are dropped only
+        when shadowed inside the run, so nothing outside it must be read.
+        """
+        started = time.monotonic()
+        report = GCReport(dry_run=False)
+        tables = self.store.tables.snapshot()
+        run: list[tuple[TableSpec, TableIndex]] = []
+        total = 0
+        for spec, index in tables:
+            if spec.size >= self.target or (run and spec.size > total):
+                break
+            run.append((spec, index))
+            total += spec.size
+        if len(run) >= min_tables:
+            includes_oldest = len(run) == len(tables)
+            report.compacted_tables = len(run)
+            self._rewrite(analyze(self.store, run), includes_oldest, report)
+        report.seconds = time.monotonic() - started
+        return report
+
     def plan_runs(self, analysis: Sequence[TableAnalysis]) -> list[list[TableAnalysis]]:
         """Adjacent tables worth rewriting together: mostly dead, or small enough to merge."""
         small = self.target // 4

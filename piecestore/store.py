@@ -27,6 +27,7 @@ from piecestore.diskcache import DiskCache
 from piecestore.errors import (
     CorruptionError,
     NotFoundError,
+    PieceStoreError,
     ReadOnlyError,
     UnsupportedError,
 )
@@ -99,6 +100,7 @@ class PieceStore:
         self._closed = False
         self._local = threading.local()
         self._compactor: threading.Thread | None = None
+        self._last_full_gc = time.monotonic()
         self._writable_reason = self._why_not_writable(settings)
         self._committer = GroupCommitter(
             self._flush_records,
@@ -248,10 +250,18 @@ class PieceStore:
             return
 
         def work() -> None:
+            from piecestore.gc import GarbageCollector
             from piecestore.lease import GCBusyError
 
-            with contextlib.suppress(GCBusyError, ReadOnlyError):
-                self.gc(compact=True)
+            with contextlib.suppress(PieceStoreError):
+                GarbageCollector(self).compact_tiered(self.settings.gc.compact_min_tables)
+            # Deletions become due only after the grace period, so a full pass (listing and
+            # all) runs at most every half grace period, and only when something awaits it.
+            every = max(60.0, self.settings.gc.grace_seconds / 2)
+            if self._view.manifest.pending_deletes and time.monotonic() - self._last_full_gc > every:
+                self._last_full_gc = time.monotonic()
+                with contextlib.suppress(GCBusyError, ReadOnlyError):
+                    self.gc(compact=False)
 
         self._compactor = threading.Thread(target=work, name="piecestore-compactor", daemon=True)
         self._compactor.start()

@@ -239,3 +239,19 @@ def test_background_compaction_merges_small_tables(tmp_path: Any) -> None:
         for r in range(6):
             s.put(f"off/{r}", b"x")
         assert len(s.manifest.tables) >= 6
+
+
+def test_background_compaction_is_tiered(tmp_path: Any) -> None:
+    """Small new tables merge among themselves; a big older table is not rewritten each time."""
+    url = f"file://{tmp_path}"
+    with piecestore.open(url, gc_compact_min_tables=4, gc_grace_seconds=60) as s:
+        s.put_many({f"big/{i}": b"b" * 100 for i in range(2000)})
+        big = s.manifest.tables[0].name
+        for i in range(40):
+            s.put(f"small/{i}", b"s" * 100)
+        s.gc(dry_run=True)  # waits for a running background compaction
+        s.refresh()
+        names = [t.name for t in s.manifest.tables]
+        assert big in names and names[-1] == big
+        assert len(names) < 10
+        assert len(list(s.list("small/"))) == 40 and len(list(s.list("big/"))) == 2000
