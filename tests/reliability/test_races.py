@@ -23,7 +23,6 @@ OVERRIDES = {
     "engine_table_target_bytes": 64 * 1024,
     "engine_refresh_interval_seconds": 0.2,
     "gc_grace_seconds": 2,
-    "gc_compact_min_tables": 4,
 }
 
 
@@ -42,10 +41,23 @@ def race(url: str, workdir: Path, *, writers: int, duration: float, seed: int) -
     log.close()
     base: dict[str, Any] = {"url": url, "overrides": OVERRIDES, "log": str(log_path), "duration": duration,
                             "stable": stable, "keys": 40}  # fmt: skip
-    roles = [{"writers": 2, "readers": 1, "gc": "none", "owner": f"p{p}/"} for p in range(writers)] + [
-        {"writers": 0, "readers": 3, "owner": "r/"},  # readers only
-        {"writers": 0, "readers": 1, "gc_loop": True, "gc": "real", "owner": "gc/"},
+    # Writer 0 also compacts in the background (auto_compact); the others leave GC to the GC
+    # process, so the lease is contended but GC does get its turns.
+    quiet = {**OVERRIDES, "gc_auto_compact": False}
+    roles: list[dict[str, Any]] = [
+        {
+            "writers": 2,
+            "readers": 1,
+            "gc": "none",
+            "owner": f"p{p}/",
+            "overrides": OVERRIDES if p == 0 else quiet,
+        }
+        for p in range(writers)
     ]
+    roles.append({"writers": 0, "readers": 3, "owner": "r/", "overrides": quiet})  # readers only
+    roles.append(
+        {"writers": 0, "readers": 1, "gc_loop": True, "gc": "real", "owner": "gc/", "overrides": quiet}
+    )
     procs = []
     for n, role in enumerate(roles):
         cfg = {**base, **role, "seed": rng.randrange(2**32), "opid_base": (n + 1) * 10_000_000}
