@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from piecestore.errors import CorruptionError, NotFoundError, PieceStoreError
+from piecestore.gc import read_pending
 from piecestore.manifest import BLOBS_PREFIX, TABLES_PREFIX
 from piecestore.table import EXTERNAL, checksum, decode_external, decode_record, parse_index, verify_table
 from piecestore.tableset import table_object
@@ -106,8 +107,8 @@ def fsck(store: PieceStore, progress: Callable[[int, int], None] | None = None) 
             report.problems.extend(_check_external(store, key, ref))
         if progress is not None:
             progress(i + 1, len(specs))
-    pending = {p.name for p in manifest.pending_deletes}
     try:
+        pending = {n for batch in read_pending(backend) for n in batch.names}
         for prefix in (TABLES_PREFIX, BLOBS_PREFIX):
             for meta in backend.list(prefix):
                 if meta.name not in referenced and meta.name not in pending:

@@ -18,7 +18,10 @@ killed at any point leaves work the next one finishes.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -27,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from piecestore.backends import ObjectMeta
-from piecestore.errors import NotFoundError, PieceStoreError
+from piecestore.errors import CorruptionError, NotFoundError, PieceStoreError
 from piecestore.lease import Clock, Lease, server_clock
-from piecestore.manifest import BLOBS_PREFIX, TABLES_PREFIX, Manifest, PendingDelete, TableSpec
+from piecestore.manifest import BLOBS_PREFIX, TABLES_PREFIX, Manifest, TableSpec
 from piecestore.table import (
     EXTERNAL,
     RECORD_HEADER,
@@ -46,6 +49,50 @@ if TYPE_CHECKING:
     from piecestore.store import PieceStore
 
 Progress = Callable[[str, int, int], None]
+
+PENDING_PREFIX = "gc/pending/"
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    """Objects that left the manifest together, deletable once ``since`` + grace has passed.
+
+    Kept as small immutable objects beside the manifest, not inside it: every commit rewrites
+    the manifest, and a list that grows with write rate x grace period (hundreds of names a
+    second under many small writers) would make every commit slower. Written before the
+    manifest swap that removes the names, so a crash between the two leaves a record whose
+    names are still referenced (skipped by the re-check), never an unrecorded removal.
+    """
+
+    record: str
+    since: datetime
+    names: tuple[str, ...]
+
+
+def write_pending(backend: Any, since: datetime, names: Sequence[str]) -> str:
+    record = f"{PENDING_PREFIX}{since:%Y%m%dT%H%M%S}-{uuid.uuid4().hex}.json"
+    body = {"since": since.isoformat(), "names": list(names)}
+    backend.put(record, json.dumps(body).encode(), mode="create")
+    return str(record)
+
+
+def read_pending(backend: Any) -> list[PendingBatch]:
+    """Every pending-delete record; a damaged one stops GC from deleting anything."""
+    batches: list[PendingBatch] = []
+    for meta in backend.list(PENDING_PREFIX):
+        try:
+            obj = json.loads(backend.get(meta.name))
+            since = datetime.fromisoformat(obj["since"])
+            names = tuple(str(n) for n in obj["names"])
+        except NotFoundError:
+            continue  # finished by another GC meanwhile
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptionError(
+                f"pending-delete record {meta.name} is unreadable ({e}); GC deletes nothing until it is "
+                "repaired or removed (see `piecestore fsck`)"
+            ) from e
+        batches.append(PendingBatch(meta.name, since, names))
+    return batches
 
 
 @dataclass
@@ -296,7 +343,7 @@ class GarbageCollector:
         for spec, t in zip(specs, built, strict=True):
             self.store.tables.add_built(spec, t.data[-t.index_bytes :])
         replaced = [a.spec.name for a in run]
-        since = self.clock().isoformat()
+        record = write_pending(self.backend, self.clock(), [table_object(n) for n in replaced] + dead_blobs)
 
         def swap(m: Manifest) -> Manifest | None:
             names = [t.name for t in m.tables]
@@ -308,18 +355,14 @@ class GarbageCollector:
                 return None  # the run is no longer intact: leave this one alone
             if includes_oldest and at + len(replaced) != len(names):
                 return None  # older tables appeared below: tombstones may still be needed
-            gone = [PendingDelete(table_object(n), since) for n in replaced]
-            gone += [PendingDelete(b, since) for b in dead_blobs]
             tables = m.tables[:at] + specs + m.tables[at + len(replaced) :]
-            return Manifest(
-                m.version, m.store_id, tables, m.pending_deletes + tuple(gone), m.gc_lease, m.layout, m.extra
-            )
+            return dataclasses.replace(m, tables=tables)
 
         before = self.store.manifest.version
         committed = self.store._commit(swap).manifest
         if committed.version == before or not ({s.name for s in specs} <= committed.table_names()):
             # not committed: our new tables are referenced by nobody, remove them now
-            self.backend.delete_many([table_object(s.name) for s in specs])
+            self.backend.delete_many([table_object(s.name) for s in specs] + [record])
             raise PieceStoreError(
                 "the tables changed under the compaction; it will be retried by the next GC"
             )
@@ -349,20 +392,19 @@ class GarbageCollector:
     ) -> None:
         m = self.store.manifest
         referenced = {table_object(t.name) for t in m.tables} | self._referenced_blobs(m)
-        pending = {p.name: p for p in m.pending_deletes}
-        due: list[str] = []
-        for name, p in pending.items():
-            if name in referenced:
-                continue  # defensive: never delete what the manifest lists
-            size = listed[name].size if name in listed else 0
-            if scan_time - datetime.fromisoformat(p.since) >= self.grace:
-                due.append(name)
-            else:
-                report.pending_delete += 1
-                report.pending_delete_bytes += size
+        # Read after the manifest: a compaction writes its record before its swap, so any name
+        # that left the manifest we read is covered by a record we see here.
+        batches = read_pending(self.backend)
+        pending_names = {n for b in batches for n in b.names}
+        due = [b for b in batches if scan_time - b.since >= self.grace]
+        for b in batches:
+            if b not in due:
+                waiting = [n for n in b.names if n not in referenced]
+                report.pending_delete += len(waiting)
+                report.pending_delete_bytes += sum(listed[n].size for n in waiting if n in listed)
         orphans: list[ObjectMeta] = []
         for name, meta in listed.items():
-            if name in referenced or name in pending:
+            if name in referenced or name in pending_names:
                 continue
             report.orphaned += 1
             report.orphaned_bytes += meta.size
@@ -379,16 +421,19 @@ class GarbageCollector:
         self.store.refresh()
         m = self.store.manifest
         referenced = {table_object(t.name) for t in m.tables} | self._referenced_blobs(m)
-        deleted: list[str] = []
-        total = len(due) + len(orphans)
-        for i, name in enumerate(due):
-            if name not in referenced:
-                self.backend.delete(name)
-                deleted.append(name)
-                report.deleted += 1
-                report.deleted_bytes += listed[name].size if name in listed else 0
-            self.progress("delete", i + 1, total)
-        for j, meta in enumerate(orphans):
+        total = sum(len(b.names) for b in due) + len(orphans)
+        done = 0
+        for batch in due:
+            gone = [n for n in batch.names if n not in referenced]
+            self.backend.delete_many(gone)
+            report.deleted += len(gone)
+            report.deleted_bytes += sum(listed[n].size for n in gone if n in listed)
+            # Names still referenced were put back (a failed swap): nothing left to do for them.
+            self.backend.delete(batch.record)
+            done += len(batch.names)
+            self.progress("delete", done, total)
+        for meta in orphans:
+            done += 1
             if meta.name in referenced:
                 continue
             try:
@@ -402,14 +447,4 @@ class GarbageCollector:
             self.backend.delete(meta.name)
             report.deleted += 1
             report.deleted_bytes += meta.size
-            self.progress("delete", len(due) + j + 1, total)
-        if deleted:
-            done = set(deleted)
-
-            def forget(m: Manifest) -> Manifest | None:
-                keep = tuple(p for p in m.pending_deletes if p.name not in done)
-                if len(keep) == len(m.pending_deletes):
-                    return None
-                return Manifest(m.version, m.store_id, m.tables, keep, m.gc_lease, m.layout, m.extra)
-
-            self.store._commit(forget)
+            self.progress("delete", done, total)

@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -67,25 +67,10 @@ class TableSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class PendingDelete:
-    """An object that left the manifest; deleted by GC once older than the grace period."""
-
-    name: str
-    since: str  # ISO time, from the server clock where known (the manifest object's LastModified)
-
-    def to_json(self) -> dict[str, str]:
-        return {"name": self.name, "since": self.since}
-
-
-@dataclass(frozen=True, slots=True)
 class Manifest:
     version: int
     store_id: str
     tables: tuple[TableSpec, ...]  # newest first: on equal keys the earlier table wins
-    pending_deletes: tuple[PendingDelete, ...] = ()
-    gc_lease: dict[str, Any] | None = None
-    layout: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
     def empty() -> Manifest:
@@ -97,10 +82,6 @@ class Manifest:
             "version": self.version,
             "store_id": self.store_id,
             "tables": [t.to_json() for t in self.tables],
-            "pending_deletes": [p.to_json() for p in self.pending_deletes],
-            "gc_lease": self.gc_lease,
-            "layout": self.layout,
-            "extra": self.extra,
         }
         data = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
         return data[:-1] + b',"checksum":"%016x"}' % xxhash.xxh3_64_intdigest(data)
@@ -127,12 +108,6 @@ class Manifest:
                 version=int(obj["version"]),
                 store_id=str(obj["store_id"]),
                 tables=tuple(TableSpec.from_json(t) for t in obj["tables"]),
-                pending_deletes=tuple(
-                    PendingDelete(str(p["name"]), str(p["since"])) for p in obj["pending_deletes"]
-                ),
-                gc_lease=obj.get("gc_lease"),
-                layout=obj.get("layout"),
-                extra=dict(obj.get("extra") or {}),
             )
         except CorruptionError:
             raise

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from piecestore.gc import read_pending
 from piecestore.table import EXTERNAL, RECORD_HEADER, TOMBSTONE, VALUE
 
 if TYPE_CHECKING:
@@ -496,7 +497,7 @@ def _profile_one(store: PieceStore, *, exact: bool, shard: int | None) -> Profil
         cache_capacity=cache.capacity,
         manifest_version=manifest.version,
         manifest_conflicts=store.manifests.conflicts,
-        pending_deletes=len(manifest.pending_deletes),
+        pending_deletes=sum(len(b.names) for b in read_pending(store.backend)),
         index_ram_bytes=store.tables.nbytes(),
     )
 

@@ -9,6 +9,7 @@ are checksum-verified on every read, so corrupt bytes raise instead of being ret
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import io
 import threading
@@ -101,6 +102,7 @@ class PieceStore:
         self._local = threading.local()
         self._compactor: threading.Thread | None = None
         self._last_full_gc = time.monotonic()
+        self._compacted_since_full_gc = False
         self._writable_reason = self._why_not_writable(settings)
         self._committer = GroupCommitter(
             self._flush_records,
@@ -224,15 +226,7 @@ class PieceStore:
 
         def add_tables(m: Manifest) -> Manifest:
             # Later groups hold later keys only, so their relative order is immaterial.
-            return Manifest(
-                m.version,
-                m.store_id,
-                tuple(specs) + m.tables,
-                m.pending_deletes,
-                m.gc_lease,
-                m.layout,
-                m.extra,
-            )
+            return dataclasses.replace(m, tables=tuple(specs) + m.tables)
 
         # GC deletes unreferenced tables older than the grace period; a writer that stalled
         # that long between upload and commit uploads again rather than commit a dangling name.
@@ -254,11 +248,13 @@ class PieceStore:
             from piecestore.lease import GCBusyError
 
             with contextlib.suppress(PieceStoreError):
-                GarbageCollector(self).compact_tiered(self.settings.gc.compact_min_tables)
+                if GarbageCollector(self).compact_tiered(self.settings.gc.compact_min_tables).written_tables:
+                    self._compacted_since_full_gc = True
             # Deletions become due only after the grace period, so a full pass (listing and
-            # all) runs at most every half grace period, and only when something awaits it.
+            # all) runs at most every half grace period, and only when compaction left work.
             every = max(60.0, self.settings.gc.grace_seconds / 2)
-            if self._view.manifest.pending_deletes and time.monotonic() - self._last_full_gc > every:
+            if self._compacted_since_full_gc and time.monotonic() - self._last_full_gc > every:
+                self._compacted_since_full_gc = False
                 self._last_full_gc = time.monotonic()
                 with contextlib.suppress(GCBusyError, ReadOnlyError):
                     self.gc(compact=False)
