@@ -23,10 +23,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 import numpy as np
 
 from piecestore.backends import Backend
+from piecestore.backends.base import validate_range
 from piecestore.cache import ByteLRU
 from piecestore.diskcache import DiskCache
 from piecestore.errors import (
     CorruptionError,
+    InvalidKeyError,
+    InvalidValueError,
     NotFoundError,
     PieceStoreError,
     ReadOnlyError,
@@ -343,16 +346,7 @@ class PieceStore:
     def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
         """Read a piece, or a range of it; every byte returned passed its checksum."""
         key = check_key(key)
-        if (
-            not isinstance(offset, int)
-            or offset < 0
-            or (length is not None and (not isinstance(length, int) or length < 0))
-        ):
-            from piecestore.errors import InvalidValueError
-
-            raise InvalidValueError(
-                f"offset must be an int >= 0 and length None or >= 0, got {offset!r}, {length!r}"
-            )
+        offset, length = validate_range(offset, length)
         kind, payload, _ = self._resolve(key)
         if kind == TOMBSTONE:
             raise NotFoundError(f"piece {key[:80]!r} not found in {self.url} (deleted)")
@@ -393,8 +387,6 @@ class PieceStore:
         """Read many pieces: grouped by table, nearby records fetched in one ranged request."""
         wanted = list(dict.fromkeys(check_key(k) for k in keys))
         if missing not in ("raise", "skip"):
-            from piecestore.errors import InvalidValueError
-
             raise InvalidValueError(f"missing must be 'raise' or 'skip', got {missing!r}")
         self._maybe_refresh()
         try:
@@ -528,8 +520,6 @@ class PieceStore:
     def list(self, prefix: str = "") -> Iterator[PieceInfo]:
         """Pieces whose key starts with ``prefix``, sorted by key, merged lazily across tables."""
         if not isinstance(prefix, str):
-            from piecestore.errors import InvalidKeyError
-
             raise InvalidKeyError(f"list prefix must be str, got {type(prefix).__name__}")
         self._maybe_refresh()
         return self._merge_listing(prefix)
