@@ -23,6 +23,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -308,10 +309,40 @@ class GarbageCollector:
             lease.renew()
 
     def _rewrite(self, run: list[TableAnalysis], includes_oldest: bool, report: GCReport) -> None:
-        records: list[tuple[str, int, bytes]] = []
+        """Stream the run's live records into new tables of the target size, then swap them in.
+
+        Memory stays bounded (one input table, one output group, a few uploads in flight)
+        however long the run; the next input is fetched and outputs are uploaded while the
+        current table is decoded. Live keys are unique across the run (older copies are
+        marked dead), so output tables may overlap in key range without ambiguity.
+        """
         dead_blobs: list[str] = []
-        for a in run:
-            data = self.backend.get(table_object(a.spec.name))
+        built_specs: list[TableSpec] = []
+        uploads: list[Future[Any]] = []
+        group: list[tuple[str, int, bytes]] = []
+        size = 0
+        reads, writes = self.store._read_pool, self.store._write_pool
+        limit = self.store.settings.engine.write_concurrency
+
+        def emit() -> None:
+            nonlocal group, size
+            if not group:
+                return
+            t = build_table(group)
+            group, size = [], 0
+            while len(uploads) >= limit:
+                uploads.pop(0).result()
+            uploads.append(writes.submit(self.backend.put, table_object(t.name), t.data))
+            spec = TableSpec(t.name, t.count, len(t.data), t.index_bytes, t.keys_bytes, t.live_bytes)
+            self.store.tables.add_built(spec, t.data[-t.index_bytes :])
+            built_specs.append(spec)
+            report.rewritten_bytes += len(t.data)
+
+        fetch = reads.submit(self.backend.get, table_object(run[0].spec.name))
+        for i, a in enumerate(run):
+            data = fetch.result()
+            if i + 1 < len(run):
+                fetch = reads.submit(self.backend.get, table_object(run[i + 1].spec.name))
             view = memoryview(data)
             for pos, key in enumerate(a.keys):
                 kind = int(a.index.kinds[pos])
@@ -321,27 +352,16 @@ class GarbageCollector:
                     continue
                 _, kind, payload = decode_record(a.spec.name, view[start:end], expect_key=key)
                 if keep:
-                    records.append((key, kind, payload))
+                    group.append((key, kind, payload))
+                    size += len(payload) + len(key)
+                    if size >= self.target:
+                        emit()
                 elif kind == EXTERNAL:
                     dead_blobs.append(decode_external(payload).obj_name)
-        records.sort(key=lambda r: r[0])
-        groups: list[list[tuple[str, int, bytes]]] = []
-        size = 0
-        for rec in records:
-            if not groups or (size > 0 and size + len(rec[2]) > self.target):
-                groups.append([])
-                size = 0
-            groups[-1].append(rec)
-            size += len(rec[2]) + len(rec[0])
-        built = [build_table(g) for g in groups]
-        for t in built:
-            self.backend.put(table_object(t.name), t.data)
-            report.rewritten_bytes += len(t.data)
-        specs = tuple(
-            TableSpec(t.name, t.count, len(t.data), t.index_bytes, t.keys_bytes, t.live_bytes) for t in built
-        )
-        for spec, t in zip(specs, built, strict=True):
-            self.store.tables.add_built(spec, t.data[-t.index_bytes :])
+        emit()
+        for upload in uploads:
+            upload.result()
+        specs = tuple(built_specs)
         replaced = [a.spec.name for a in run]
         record = write_pending(self.backend, self.clock(), [table_object(n) for n in replaced] + dead_blobs)
 
