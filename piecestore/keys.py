@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from collections.abc import Mapping
+from typing import Any, BinaryIO
 
 from piecestore.errors import InvalidKeyError, InvalidValueError
 
@@ -37,4 +38,42 @@ def check_value(key: str, value: object) -> bytes | BinaryIO:
     hint = "; encode it first, e.g. value.encode()" if isinstance(value, str) else ""
     raise InvalidValueError(
         f"value for piece {key[:60]!r} must be bytes-like, got {type(value).__name__}{hint}"
+    )
+
+
+def check_keys(keys: object) -> list[str]:
+    """An iterable of keys; a single str (or bytes) is refused, not taken as its characters."""
+    if isinstance(keys, (str, bytes, bytearray)):
+        raise InvalidKeyError(
+            f"expected an iterable of keys, got a single {type(keys).__name__} {keys[:60]!r}; "
+            "wrap it in a list"
+        )
+    return [check_key(k) for k in keys]  # type: ignore[attr-defined]
+
+
+def check_items(items: object) -> list[tuple[str, bytes | BinaryIO]]:
+    """put_many's argument: a mapping or (key, value) pairs, every key and value checked."""
+    if isinstance(items, (str, bytes, bytearray)):
+        raise InvalidValueError(
+            f"put_many takes a mapping or (key, value) pairs, got a single {type(items).__name__}"
+        )
+    pairs: list[Any] = list(items.items() if isinstance(items, Mapping) else items)  # type: ignore[call-overload]
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InvalidValueError(
+                f"put_many takes (key, value) pairs, got {type(pair).__name__} {pair!r:.60}"
+            )
+    checked = [(check_key(k), v) for k, v in pairs]
+    return [(k, check_value(k, v)) for k, v in checked]
+
+
+def check_read(key: str, chunk: object) -> bytes:
+    """What a file object given as a value returned: bytes, or a clear error (text mode?)."""
+    if isinstance(chunk, bytes):
+        return chunk
+    if isinstance(chunk, (bytearray, memoryview)):
+        return bytes(chunk)
+    raise InvalidValueError(
+        f"the file object given for piece {key[:60]!r} returned {type(chunk).__name__}, not bytes; "
+        "open it in binary mode ('rb')"
     )

@@ -36,7 +36,7 @@ from piecestore.errors import (
     UnsupportedError,
 )
 from piecestore.groupcommit import GroupCommitter, Record
-from piecestore.keys import check_key, check_value
+from piecestore.keys import check_items, check_key, check_keys, check_read, check_value
 from piecestore.manifest import BLOBS_PREFIX, Manifest, ManifestStore, ManifestView, TableSpec
 from piecestore.table import (
     EXTERNAL,
@@ -137,9 +137,7 @@ class PieceStore:
 
     def put_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[PieceInfo]:
         """Store many pieces as one commit; all are validated before anything is written."""
-        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
-        checked = [(check_key(k), v) for k, v in pairs]
-        values = [(k, check_value(k, v)) for k, v in checked]
+        values = check_items(items)
         self._check_writable()
         records: dict[str, Record] = {}
         infos: list[PieceInfo] = []
@@ -156,7 +154,7 @@ class PieceStore:
         self.delete_many([key])
 
     def delete_many(self, keys: Iterable[str]) -> None:
-        checked = [check_key(k) for k in keys]
+        checked = check_keys(keys)
         self._check_writable()
         if checked:
             records: dict[str, Record] = {k: (TOMBSTONE, b"") for k in checked}
@@ -193,7 +191,7 @@ class PieceStore:
         if isinstance(data, bytes) and len(data) <= limit:
             return (VALUE, data), PieceInfo(key, len(data), checksum(data))
         stream = io.BytesIO(data) if isinstance(data, bytes) else data
-        head = stream.read(limit + 1)
+        head = check_read(key, stream.read(limit + 1))
         if len(head) <= limit:
             return (VALUE, head), PieceInfo(key, len(head), checksum(head))
         return self._write_external(key, head, stream)
@@ -385,7 +383,7 @@ class PieceStore:
         self, keys: Iterable[str], *, missing: Literal["raise", "skip"] = "raise"
     ) -> dict[str, bytes]:
         """Read many pieces: grouped by table, nearby records fetched in one ranged request."""
-        wanted = list(dict.fromkeys(check_key(k) for k in keys))
+        wanted = list(dict.fromkeys(check_keys(keys)))
         if missing not in ("raise", "skip"):
             raise InvalidValueError(f"missing must be 'raise' or 'skip', got {missing!r}")
         self._maybe_refresh()

@@ -20,9 +20,11 @@ from piecestore.localserver import LocalS3Server, _free_ports, find_weed
 
 
 class RestartableS3Server(LocalS3Server):
-    def __init__(self, **kw: object) -> None:
+    def __init__(self, *, s3_config: str | None = None, **kw: object) -> None:
+        """``s3_config``: a weed identities file; with it the server checks credentials."""
         super().__init__(**kw)  # type: ignore[arg-type]
         self._cmd: list[str] = []
+        self._s3_config = s3_config
 
     def start(self) -> Self:
         weed = find_weed()
@@ -38,6 +40,8 @@ class RestartableS3Server(LocalS3Server):
                 "-master.volumeSizeLimitMB=256", "-volume.max=0", "-volume.preStopSeconds=0",
                 "-master.electionTimeout=1s",  # a restarted master elects itself at once
             ]  # fmt: skip
+            if self._s3_config:
+                self._cmd.append(f"-s3.config={self._s3_config}")
             self.s3_port = s3
             self.endpoint = f"http://127.0.0.1:{s3}"
             self._spawn()

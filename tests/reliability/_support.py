@@ -24,7 +24,11 @@ import piecestore
 from piecestore import PieceStore
 from tests.conftest import BUCKET, s3_credentials
 
-SOAK = os.environ.get("PIECESTORE_SOAK") == "1"
+# PIECESTORE_SOAK=1 runs the long scenarios (soaks of SOAK_SECONDS, 300 by default);
+# PIECESTORE_SOAK=<seconds> (10 or more) does the same with soaks that long.
+_SOAK = os.environ.get("PIECESTORE_SOAK", "").strip()
+SOAK = _SOAK not in ("", "0")
+SOAK_SECONDS = float(_SOAK) if _SOAK.isdigit() and int(_SOAK) >= 10 else 300.0
 REPO = Path(__file__).resolve().parents[2]
 
 State = tuple[int, int] | None  # (op id, size) of a put, or None: absent
