@@ -6,6 +6,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from piecestore.backends import Backend, open_backend
+from piecestore.errors import ConfigError
 from piecestore.settings import Settings, load_settings
 from piecestore.sharding.layout import LAYOUT_OBJECT
 from piecestore.store import PieceStore
@@ -63,6 +64,12 @@ def open(url: str | None = None, *, shards: Any = None, **overrides: Any) -> Any
     ``shards`` is a list of target URLs, or a count used with a ``{shard}`` template URL.
     """
     if url is not None:
+        if not isinstance(url, str) or not url.strip():
+            # An explicit empty URL (an unset variable?) must not quietly open the default store.
+            raise ConfigError(
+                f"store URL {url!r} is empty; give one such as memory://name, file:///path, "
+                "s3://bucket/prefix or minio://host:port/bucket, or pass None to use the settings"
+            )
         overrides["store_url"] = url
     if shards is not None:
         if isinstance(shards, int):

@@ -182,6 +182,7 @@ def test_failing_and_huge_streams(store: PieceStore) -> None:
 
 
 BAD_URLS: list[tuple[str, str]] = [
+    ("", "empty"),
     ("ftp://host/x", "unknown scheme"),
     ("memory://", "needs a name"),
     ("memory://x?a=1", "query"),
