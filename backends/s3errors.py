@@ -14,6 +14,7 @@ from piecestore.backends.credentials import redact
 from piecestore.backends.retry import Retryable
 from piecestore.errors import (
     AlreadyExistsError,
+    BucketNotFoundError,
     NotFoundError,
     PermissionDeniedError,
     PieceStoreError,
@@ -105,7 +106,7 @@ def map_error(
     if outcome is Outcome.RETRY:
         return Retryable(f"{ctx.op} {what}: server answered {label} (HTTP {status})", cause)
     if outcome is Outcome.NO_BUCKET:
-        return NotFoundError(
+        return BucketNotFoundError(
             f"bucket {ctx.bucket!r} does not exist (store {ctx.display_url}); create the bucket first"
         )
     if outcome is Outcome.NOT_FOUND:

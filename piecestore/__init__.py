@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from piecestore.errors import (
     AlreadyExistsError,
     BackendUnavailableError,
+    BucketNotFoundError,
     ConfigError,
     ConflictError,
     CorruptionError,
@@ -54,6 +55,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AlreadyExistsError",
     "BackendUnavailableError",
+    "BucketNotFoundError",
     "ConfigError",
     "ConflictError",
     "CorruptionError",

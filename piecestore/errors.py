@@ -16,6 +16,10 @@ class NotFoundError(PieceStoreError, FileNotFoundError):
     """The piece, object, bucket or store does not exist."""
 
 
+class BucketNotFoundError(NotFoundError):
+    """The bucket a store lives in does not exist (so neither does the store)."""
+
+
 class AlreadyExistsError(PieceStoreError, FileExistsError):
     """A create-only write found the object already there."""
 
@@ -67,6 +71,7 @@ class ConflictError(PieceStoreError):
 __all__ = [
     "AlreadyExistsError",
     "BackendUnavailableError",
+    "BucketNotFoundError",
     "ConfigError",
     "ConflictError",
     "CorruptionError",

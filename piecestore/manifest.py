@@ -25,6 +25,7 @@ import xxhash
 from piecestore.backends import Backend, IfMatch
 from piecestore.errors import (
     AlreadyExistsError,
+    BucketNotFoundError,
     ConflictError,
     CorruptionError,
     NotFoundError,
@@ -146,6 +147,8 @@ class ManifestStore:
     def read(self) -> ManifestView:
         try:
             data, meta = self.backend.get_with_meta(MANIFEST_NAME)
+        except BucketNotFoundError:
+            raise  # no bucket is not an empty store: say so rather than answer "not found" later
         except NotFoundError:
             return ManifestView(Manifest.empty(), None, time.monotonic())
         return ManifestView(Manifest.from_bytes(data, self.backend.display_url), meta.etag, time.monotonic())

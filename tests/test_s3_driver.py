@@ -29,6 +29,7 @@ from piecestore.backends.s3errors import ErrorContext
 from piecestore.errors import (
     AlreadyExistsError,
     BackendUnavailableError,
+    BucketNotFoundError,
     NotFoundError,
     PermissionDeniedError,
     PieceStoreError,
@@ -390,7 +391,7 @@ def minio_error(status: int, code: str) -> Exception:
     ("status", "code", "expected"),
     [
         (404, "NoSuchKey", NotFoundError),
-        (404, "NoSuchBucket", NotFoundError),
+        (404, "NoSuchBucket", BucketNotFoundError),
         (403, "AccessDenied", PermissionDeniedError),
         (403, "InvalidAccessKeyId", PermissionDeniedError),
         (403, "SignatureDoesNotMatch", PermissionDeniedError),

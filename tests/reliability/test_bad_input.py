@@ -18,6 +18,7 @@ import pytest
 
 import piecestore
 from piecestore import (
+    BucketNotFoundError,
     ConfigError,
     InvalidKeyError,
     InvalidValueError,
@@ -27,6 +28,7 @@ from piecestore import (
     PieceStoreError,
     ReadOnlyError,
 )
+from piecestore.backends import open_backend
 from tests.conftest import s3_credentials
 from tests.reliability._support import open_store, s3_url
 
@@ -265,6 +267,26 @@ def test_read_only_store_refuses_every_write(store: PieceStore) -> None:
                 ro.put("k", b"v")
 
         refused(store, ReadOnlyError, in_batch, "read-only")
+
+
+@pytest.mark.s3
+def test_missing_bucket(s3_server: Any) -> None:
+    """A store in a bucket that does not exist: open says so (not "piece not found" later)."""
+    bucket = f"no-such-bucket-{os.getpid()}"
+    urls = [
+        f"s3://{bucket}/x?endpoint={s3_server.endpoint}&region=us-east-1",
+        f"minio://127.0.0.1:{s3_server.s3_port}/{bucket}/x?secure=false",
+    ]
+    for url in urls:
+        for read_only in (False, True):
+            with pytest.raises(BucketNotFoundError, match=f"{bucket}.*does not exist.*create the bucket"):
+                open_store(url, store_read_only=read_only)
+        raw = open_backend(url, **s3_credentials())
+        try:
+            with pytest.raises(BucketNotFoundError):
+                list(raw.list())  # still no bucket: nothing was created
+        finally:
+            raw.close()
 
 
 @pytest.mark.s3
