@@ -15,6 +15,7 @@ objects below ``multipart_threshold``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import hashlib
 import heapq
@@ -515,6 +516,14 @@ def _server_time(response: dict[str, Any]) -> datetime:
     return datetime.now(UTC)
 
 
+def content_md5(body: bytes) -> str:
+    """The Content-MD5 header of a body. With it the server refuses a body that arrives short:
+    SeaweedFS otherwise commits a PUT whose connection dropped after its headers (a request
+    abandoned by a timeout while waiting for 100-continue) as an empty object, which for a
+    manifest commit means an empty manifest."""
+    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+
+
 def conditions(mode: PutMode) -> dict[str, str]:
     if mode == "create":
         return {"IfNoneMatch": "*"}
@@ -692,11 +701,12 @@ class S3Backend(Backend):
 
     def _put_single(self, name: str, key: str, body: bytes, mode: PutMode, ctx: ErrorContext) -> ObjectMeta:
         attempts = 0
+        md5 = content_md5(body)
 
         async def once() -> Any:
             nonlocal attempts
             attempts += 1
-            return await self._s3("put_object", Key=key, Body=body, **conditions(mode))
+            return await self._s3("put_object", Key=key, Body=body, ContentMD5=md5, **conditions(mode))
 
         try:
             response = self._call(once, ctx)
@@ -736,7 +746,10 @@ class S3Backend(Backend):
                 size += len(chunk)
 
                 def upload(chunk: bytes = chunk, number: int = number) -> Awaitable[Any]:
-                    return self._s3("upload_part", Key=key, UploadId=upload_id, PartNumber=number, Body=chunk)
+                    return self._s3(
+                        "upload_part", Key=key, UploadId=upload_id, PartNumber=number, Body=chunk,
+                        ContentMD5=content_md5(chunk),
+                    )  # fmt: skip
 
                 window.append((number, self._loop.submit(self._retrying(upload, ctx))))
                 del chunk
