@@ -38,7 +38,7 @@ def crash_cycles(
     rng = random.Random(seed)
     log = workdir / "ack.log"
     figures = {"cycles": 0, "kills": 0, "timer_kills": 0, "self_kills": 0, "acked_ops": 0,
-               "acked_pieces_verified": 0, "in_flight_landed": 0}  # fmt: skip
+               "acked_pieces_verified": 0, "in_flight_landed": 0, "kills_during_gc": 0}  # fmt: skip
     for cycle in range(cycles):
         selfkill = rng.random() < 0.5
         cfg = {
@@ -65,10 +65,12 @@ def crash_cycles(
                 figures["timer_kills"] += 1
             else:
                 figures["self_kills"] += 1
-            assert worker.proc.returncode == -signal.SIGKILL, (
-                f"cycle {cycle}: writer exited with {worker.proc.returncode}, not by SIGKILL:\n"
-                + worker.stderr()[-3000:]
-            )
+            if worker.proc.returncode != -signal.SIGKILL:
+                notes = [n for n in replay(log).notes if n.get("error") or n.get("bad")]
+                raise AssertionError(
+                    f"cycle {cycle}: writer exited with {worker.proc.returncode}, not by SIGKILL:\n"
+                    f"{worker.stderr()[-3000:]}\n{notes[-3:]}"
+                )
         finally:
             worker.kill()
             worker.close()
@@ -76,6 +78,8 @@ def crash_cycles(
         figures["cycles"] += 1
         trim_torn_tail(log)
         state = replay(log)
+        mine = [n["gc"] for n in state.notes if "gc" in n and n.get("pid") == worker.proc.pid]
+        figures["kills_during_gc"] += bool(mine) and mine[-1] == "start"
         bad = [n for n in state.notes if n.get("bad") or n.get("error")]
         assert not bad, f"cycle {cycle}: the writer saw wrong reads or errors: {bad[:3]}"
         with open_store(url, **overrides) as store:

@@ -267,6 +267,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     httpd.server_close()
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")  # tls_verify=False
 @pytest.mark.parametrize("scheme", ["s3", "minio"])
 def test_tls_is_verified_by_default(scheme: str, tls_server: tuple[str, str]) -> None:
     endpoint, ca = tls_server

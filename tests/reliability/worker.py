@@ -191,12 +191,14 @@ class Worker:
     def run_gc(self) -> None:
         ahead = timedelta(hours=1) if self.cfg.get("gc") == "ahead" else None
         clock = (lambda: datetime.now(UTC) + ahead) if ahead is not None else None
+        self.log.note(gc="start", pid=os.getpid())
         try:
             report = self.store.gc(clock=clock)
             self.bump("gc")
             self.bump("gc_deleted", report.deleted)
         except GCBusyError:
             self.bump("gc_busy")
+        self.log.note(gc="end", pid=os.getpid())
 
     def gc_loop(self) -> None:
         while not self.stop.is_set():
