@@ -260,8 +260,9 @@ class PieceStore:
                 with contextlib.suppress(GCBusyError, ReadOnlyError):
                     self.gc(compact=False)
 
-        self._compactor = threading.Thread(target=work, name="piecestore-compactor", daemon=True)
-        self._compactor.start()
+        compactor = threading.Thread(target=work, name="piecestore-compactor", daemon=True)
+        compactor.start()
+        self._compactor = compactor  # published once started: gc() and close() join it
 
     def _upload(self, table: BuiltTable) -> None:
         self.backend.put(table_object(table.name), table.data)

@@ -113,3 +113,36 @@ def test_writers_readers_and_gc_race(
         url = s3_url(server.endpoint)
         duration = 60.0 if SOAK else 6.0
     figures.update(race(url, tmp_path, writers=3, duration=duration, seed=11))
+
+
+def test_gc_beside_a_background_compaction_that_is_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A foreground gc() while a flush is starting background compaction must not fail.
+
+    gc() waits for the store's compactor thread; it must never see one not yet started
+    (found by the crash test: RuntimeError "cannot join thread before it is started").
+    """
+    import threading
+    import time
+
+    real_thread = threading.Thread
+    started = threading.Event()
+
+    class SlowStart(real_thread):  # widens the window between creating and starting it
+        def start(self) -> None:
+            if self.name == "piecestore-compactor":
+                started.set()
+                time.sleep(0.3)
+            super().start()
+
+    with open_store(f"file://{tmp_path}/s", gc_compact_min_tables=2, gc_auto_compact=True) as store:
+        store.put("a", b"1")
+        monkeypatch.setattr(threading, "Thread", SlowStart)
+        writer = real_thread(target=lambda: store.put("b", b"2"))  # its flush starts the compactor
+        writer.start()
+        assert started.wait(10), "no background compaction was started"
+        store.gc()  # must wait for the compactor (or skip it), not raise
+        writer.join(10)
+        monkeypatch.setattr(threading, "Thread", real_thread)
+        assert store.get_many(["a", "b"]) == {"a": b"1", "b": b"2"}
