@@ -1,21 +1,29 @@
 """Group commit: concurrent puts share one table flush and one manifest commit.
 
-One flusher thread per store turns the open batch into a table while new puts collect in the
-next batch, so batch size grows with load by itself. Batches commit strictly in order, so a
-later put of a key always shadows an earlier one from the same process.
+Two stages run on two threads. The flusher turns the open batch into table files and uploads
+them while new puts collect in the next batch, so batch size grows with load by itself. The
+committer makes uploaded batches durable with one manifest compare-and-swap, several at once
+when they queue up, so the next batch's upload overlaps this batch's commit. Batches commit
+strictly in the order they were taken, so a later put of a key always shadows an earlier one
+from the same process.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 Record = tuple[int, bytes]  # (kind, payload)
 
+# A batch moves through these states; the committer takes PREPARED ones, oldest first.
+_PREPARING, _PREPARED, _COMMITTING, _DONE = 0, 1, 2, 3
 
-@dataclass
+
+@dataclass(eq=False)  # identity: a batch is removed from the pipeline as itself
 class Batch:
     records: dict[str, Record] = field(default_factory=dict)
     nbytes: int = 0
@@ -24,6 +32,8 @@ class Batch:
     started: float = field(default_factory=time.monotonic)
     urgent: bool = False
     waiters: int = 0
+    state: int = _PREPARING
+    prepared: Any = None  # what prepare_fn returned: the uploaded tables, for commit_fn
 
     def add(self, key: str, record: Record) -> None:
         if not self.records:
@@ -41,32 +51,42 @@ class Batch:
 
 
 class GroupCommitter:
-    """Collects records and hands batches to ``flush_fn`` on one background thread."""
+    """Collects records; ``prepare_fn`` uploads a batch, ``commit_fn`` commits uploaded batches.
+
+    ``commit_fn`` receives the prepared results of one or more consecutive batches, oldest
+    first, and must make them durable together or raise.
+    """
 
     def __init__(
         self,
-        flush_fn: Callable[[dict[str, Record]], None],
+        prepare_fn: Callable[[dict[str, Record]], Any],
+        commit_fn: Callable[[list[Any]], None],
         *,
         linger: float,
         flush_bytes: int,
         flush_count: int,
         buffered: bool,
-        name: str = "piecestore-flusher",
+        depth: int = 2,
+        name: str = "piecestore",
     ) -> None:
-        self._flush_fn = flush_fn
+        self._prepare_fn = prepare_fn
+        self._commit_fn = commit_fn
         self.linger = linger
         self.flush_bytes = flush_bytes
         self.flush_count = flush_count
         self.buffered = buffered
+        self.depth = max(1, depth)  # uploaded batches that may wait while another commits
         self._cond = threading.Condition()
         self._open = Batch()
-        self._inflight: Batch | None = None
+        self._pipeline: deque[Batch] = deque()  # taken from _open, not yet done; oldest first
         self._stopping = False
         # A failed flush of buffered records nobody waited for: raised by the next flush(), so
         # a lost buffered write is never silent.
         self._unreported: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._flusher = threading.Thread(target=self._run_flusher, name=f"{name}-flusher", daemon=True)
+        self._committer = threading.Thread(target=self._run_committer, name=f"{name}-committer", daemon=True)
+        self._flusher.start()
+        self._committer.start()
 
     # -- producers ---------------------------------------------------------------------
     def submit(self, records: dict[str, Record], *, wait: bool, urgent: bool = False) -> Batch:
@@ -94,7 +114,7 @@ class GroupCommitter:
     def flush(self) -> None:
         """Commit everything submitted so far; raise the first error of those batches."""
         with self._cond:
-            batches = [b for b in (self._inflight, self._open) if b is not None and b.records]
+            batches = [b for b in (*self._pipeline, self._open) if b.records]
             self._open.urgent = True
             self._cond.notify_all()
         first: BaseException | None = None
@@ -110,28 +130,37 @@ class GroupCommitter:
     def lookup(self, key: str) -> Record | None:
         """Read-your-writes: the newest uncommitted record of ``key``, if any."""
         with self._cond:
-            for batch in (self._open, self._inflight):
-                if batch is not None:
-                    record = batch.records.get(key)
-                    if record is not None:
-                        return record
+            record = self._open.records.get(key)
+            if record is not None:
+                return record
+            for batch in reversed(self._pipeline):
+                record = batch.records.get(key)
+                if record is not None:
+                    return record
         return None
 
     def pending(self) -> dict[str, Record]:
         """Uncommitted records (newest wins), for listing."""
         with self._cond:
-            merged = dict(self._inflight.records) if self._inflight is not None else {}
-            merged.update(self._open.records)
+            merged: dict[str, Record] = {}
+            for batch in (*self._pipeline, self._open):
+                merged.update(batch.records)
         return merged
+
+    def busy(self) -> bool:
+        """Whether a batch is being uploaded or committed, or an urgent one waits to start."""
+        with self._cond:
+            return bool(self._pipeline) or (self._open.urgent and bool(self._open.records))
 
     def close(self) -> None:
         self.flush()
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout=60)
+        self._flusher.join(timeout=60)
+        self._committer.join(timeout=60)
 
-    # -- the flusher ---------------------------------------------------------------------
+    # -- the flusher: build and upload -------------------------------------------------
     def _ready(self, batch: Batch, idle_since: float) -> bool:
         if not batch.records:
             return False
@@ -142,32 +171,65 @@ class GroupCommitter:
         if self.buffered and batch.waiters == 0:
             return False
         # Linger only when the batch began while idle: puts that arrived during the previous
-        # flush already waited one flush's time, so they go at once.
+        # upload already waited one upload's time, so they go at once.
         return batch.started < idle_since or time.monotonic() - batch.started >= self.linger
 
-    def _run(self) -> None:
+    def _waiting_for_commit(self) -> int:
+        return sum(1 for b in self._pipeline if b.state == _PREPARED)
+
+    def _run_flusher(self) -> None:
         idle_since = time.monotonic()
         while True:
             with self._cond:
-                while not self._ready(self._open, idle_since):
+                while self._waiting_for_commit() >= self.depth or not self._ready(self._open, idle_since):
                     if self._stopping and not self._open.records:
                         return
-                    timeout = None
+                    timeout = 0.5
                     if self._open.records and (self._open.waiters or not self.buffered):
                         timeout = max(0.0, self.linger - (time.monotonic() - self._open.started))
-                    self._cond.wait(timeout if timeout is not None else 0.5)
+                    self._cond.wait(timeout)
                 batch, self._open = self._open, Batch()
-                self._inflight = batch
+                self._pipeline.append(batch)
             try:
-                self._flush_fn(batch.records)
+                prepared = self._prepare_fn(batch.records)
             except BaseException as e:  # handed to every waiter of this batch
-                batch.error = e
-                if batch.waiters == 0:
-                    with self._cond:
-                        self._unreported = self._unreported or e
-            finally:
+                self._finish([batch], e)
+            else:
                 with self._cond:
-                    self._inflight = None
-                    idle_since = time.monotonic()
+                    batch.prepared, batch.state = prepared, _PREPARED
                     self._cond.notify_all()
-                batch.done.set()
+            idle_since = time.monotonic()
+
+    # -- the committer: one manifest commit for every uploaded batch in line ------------
+    def _run_committer(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._pipeline and self._pipeline[0].state == _PREPARED):
+                    if self._stopping and not self._pipeline and not self._open.records:
+                        return
+                    self._cond.wait(0.5)
+                group: list[Batch] = []
+                for batch in self._pipeline:  # consecutive from the oldest: order is kept
+                    if batch.state != _PREPARED:
+                        break
+                    group.append(batch)
+                    batch.state = _COMMITTING
+            try:
+                self._commit_fn([b.prepared for b in group])
+            except BaseException as e:
+                self._finish(group, e)
+            else:
+                self._finish(group, None)
+
+    def _finish(self, batches: list[Batch], error: BaseException | None) -> None:
+        with self._cond:
+            for batch in batches:
+                batch.error = error
+                batch.state = _DONE
+                batch.prepared = None
+                self._pipeline.remove(batch)
+                if error is not None and batch.waiters == 0:
+                    self._unreported = self._unreported or error
+            self._cond.notify_all()
+        for batch in batches:
+            batch.done.set()

@@ -108,7 +108,8 @@ class PieceStore:
         self._compacted_since_full_gc = False
         self._writable_reason = self._why_not_writable(settings)
         self._committer = GroupCommitter(
-            self._flush_records,
+            self._prepare_batch,
+            self._commit_batches,
             linger=eng.flush_linger_ms / 1000.0,
             flush_bytes=eng.flush_bytes,
             flush_count=eng.flush_count,
@@ -204,8 +205,8 @@ class PieceStore:
         payload = encode_external(name, reader.size, EXTERNAL_CHUNK, reader.sums)
         return (EXTERNAL, payload), PieceInfo(key, reader.size, None, None, external=True)
 
-    def _flush_records(self, records: dict[str, Record]) -> None:
-        """Build table files from a batch, upload them, and commit them to the manifest."""
+    def _prepare_batch(self, records: dict[str, Record]) -> _Uploaded:
+        """Build table files from a batch and upload them; the committer makes them durable."""
         target = self.settings.engine.table_target_bytes
         groups: list[list[tuple[str, int, bytes]]] = [[]]
         size = 0
@@ -217,22 +218,25 @@ class PieceStore:
             groups[-1].append((key, kind, payload))
             size += len(payload) + len(key)
         built = [build_table(g) for g in groups]
-        uploaded_at = time.monotonic()
         list(self._write_pool.map(self._upload, built))
-        specs = [
-            TableSpec(b.name, b.count, len(b.data), b.index_bytes, b.keys_bytes, b.live_bytes) for b in built
-        ]
-        for spec, table in zip(specs, built, strict=True):
+        uploaded = _Uploaded(built, time.monotonic())
+        for spec, table in zip(uploaded.specs, built, strict=True):
             self.tables.add_built(spec, table.data[-table.index_bytes :])
+        return uploaded
 
-        def add_tables(m: Manifest) -> Manifest:
-            # Later groups hold later keys only, so their relative order is immaterial.
-            return dataclasses.replace(m, tables=tuple(specs) + m.tables)
-
+    def _commit_batches(self, batches: list[_Uploaded]) -> None:
+        """Commit the tables of several uploaded batches (oldest first) with one manifest CAS."""
         # GC deletes unreferenced tables older than the grace period; a writer that stalled
         # that long between upload and commit uploads again rather than commit a dangling name.
-        if time.monotonic() - uploaded_at > self.settings.gc.grace_seconds / 2:
-            list(self._write_pool.map(self._upload, built))
+        for batch in batches:
+            if time.monotonic() - batch.uploaded_at > self.settings.gc.grace_seconds / 2:
+                list(self._write_pool.map(self._upload, batch.built))
+        newest_first = tuple(spec for batch in reversed(batches) for spec in batch.specs)
+
+        def add_tables(m: Manifest) -> Manifest:
+            # Within one batch later groups hold later keys only, so their order is immaterial.
+            return dataclasses.replace(m, tables=newest_first + m.tables)
+
         self._commit(add_tables)
         if self.settings.gc.auto_compact:
             self._maybe_auto_compact()
@@ -634,6 +638,21 @@ class PieceStore:
 
     def __repr__(self) -> str:
         return f"PieceStore({self.url!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class _Uploaded:
+    """A batch's table files, uploaded and waiting to be committed."""
+
+    built: list[BuiltTable]
+    uploaded_at: float  # monotonic
+
+    @property
+    def specs(self) -> list[TableSpec]:
+        return [
+            TableSpec(b.name, b.count, len(b.data), b.index_bytes, b.keys_bytes, b.live_bytes)
+            for b in self.built
+        ]
 
 
 class _StaleView(Exception):

@@ -193,9 +193,7 @@ class StoreModel(RuleBasedStateMachine):
         """Drop the store object without close(): unflushed buffered writes are in doubt."""
         committer = self.store._committer
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (
-            committer._inflight is not None or (committer._open.urgent and committer._open.records)
-        ):
+        while time.monotonic() < deadline and committer.busy():
             time.sleep(0.005)  # an urgent batch already on its way lands (or not) before we look
         for key, value in self.pending.items():
             self.doubt[key] = [value, *self.expected_without_pending(key)]
