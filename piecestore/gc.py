@@ -38,7 +38,9 @@ from piecestore.table import (
     EXTERNAL,
     RECORD_HEADER,
     TOMBSTONE,
-    build_table,
+    RawRecord,
+    checksum,
+    copy_table,
     decode_external,
     decode_keys,
     decode_record,
@@ -200,6 +202,72 @@ def stats_of(analysis: Sequence[TableAnalysis]) -> DataStats:
     return s
 
 
+def live_records(
+    a: TableAnalysis, data: bytes, includes_oldest: bool, dead_blobs: list[str]
+) -> list[RawRecord]:
+    """The records of one table that compaction keeps, verified and ready to copy verbatim.
+
+    Headers are checked against the index in bulk with numpy; per record only the checksum and
+    the embedded key are compared, so a damaged record stops the compaction (CorruptionError)
+    instead of being carried into a new table. Large pieces whose records die are added to
+    ``dead_blobs``.
+    """
+    index, name = a.index, a.spec.name
+    view = memoryview(data)
+    offsets = index.offsets.astype(np.int64)
+    tomb = index.kinds == TOMBSTONE
+    keep = ~a.dead & ~(tomb & includes_oldest)
+    for pos in np.flatnonzero(~keep & (index.kinds == EXTERNAL)).tolist():
+        start, end = int(offsets[pos]), int(offsets[pos + 1])
+        _, _, payload = decode_record(name, view[start:end], expect_key=a.keys[pos])
+        dead_blobs.append(decode_external(payload).obj_name)
+
+    kept = np.flatnonzero(keep)
+    if len(kept) == 0:
+        return []
+    starts, ends = offsets[kept], offsets[kept + 1]
+    if int(ends[-1]) > len(data):
+        raise CorruptionError(f"table {name}: {len(data)} bytes read, the index needs {int(ends[-1])}")
+    headers = np.frombuffer(data, dtype=np.uint8)[starts[:, None] + np.arange(RECORD_HEADER.size)]
+    fields = headers.view(_HEADER_DTYPE).ravel()
+    bad = (
+        (fields["kind"] != index.kinds[kept])
+        | (fields["flags"] != 0)
+        | (fields["key_len"] != index.key_lens[kept])
+        | (RECORD_HEADER.size + fields["key_len"].astype(np.int64) + fields["value_len"].astype(np.int64)
+           != ends - starts)
+    )  # fmt: skip
+    if bool(bad.any()):
+        pos = int(kept[int(np.argmax(bad))])
+        raise CorruptionError(f"table {name}: record {pos}'s header does not match the index")
+    hash_of = np.empty(index.count, dtype=np.uint64)
+    hash_of[index.positions] = index.hashes
+    out: list[RawRecord] = []
+    keys, hdr = a.keys, RECORD_HEADER.size
+    # Views into ``data`` keep the whole input alive until its records are written out; when
+    # most of it is dead, copy the few live records instead, so memory stays near the output.
+    own: Any = bytes if len(kept) * 2 < index.count else _same
+    for pos, start, end, stored, kind, value_len, key_hash in zip(
+        kept.tolist(), starts.tolist(), ends.tolist(), fields["checksum"].tolist(),
+        fields["kind"].tolist(), fields["value_len"].tolist(), hash_of[kept].tolist(), strict=True,
+    ):  # fmt: skip
+        record = view[start:end]
+        key = keys[pos].encode("utf-8")
+        if checksum(record[8:]) != stored or record[hdr : hdr + len(key)] != key:
+            raise CorruptionError(f"table {name}: record {pos} ({keys[pos][:80]!r}) fails its checksum")
+        out.append((key, own(record), kind, value_len, key_hash))
+    return out
+
+
+def _same(record: memoryview) -> memoryview:
+    return record
+
+
+_HEADER_DTYPE = np.dtype(
+    [("checksum", "<u8"), ("kind", "u1"), ("flags", "u1"), ("key_len", "<u2"), ("value_len", "<u8")]
+)
+
+
 class GarbageCollector:
     def __init__(self, store: PieceStore, *, clock: Clock | None = None, progress: Progress | None = None):
         self.store = store
@@ -319,7 +387,7 @@ class GarbageCollector:
         dead_blobs: list[str] = []
         built_specs: list[TableSpec] = []
         uploads: list[Future[Any]] = []
-        group: list[tuple[str, int, bytes]] = []
+        group: list[RawRecord] = []
         size = 0
         reads, writes = self.store._read_pool, self.store._write_pool
         limit = self.store.settings.engine.write_concurrency
@@ -328,7 +396,7 @@ class GarbageCollector:
             nonlocal group, size
             if not group:
                 return
-            t = build_table(group)
+            t = copy_table(group)
             group, size = [], 0
             while len(uploads) >= limit:
                 uploads.pop(0).result()
@@ -343,21 +411,11 @@ class GarbageCollector:
             data = fetch.result()
             if i + 1 < len(run):
                 fetch = reads.submit(self.backend.get, table_object(run[i + 1].spec.name))
-            view = memoryview(data)
-            for pos, key in enumerate(a.keys):
-                kind = int(a.index.kinds[pos])
-                start, end = int(a.index.offsets[pos]), int(a.index.offsets[pos + 1])
-                keep = not a.dead[pos] and not (kind == TOMBSTONE and includes_oldest)
-                if not keep and kind != EXTERNAL:
-                    continue
-                _, kind, payload = decode_record(a.spec.name, view[start:end], expect_key=key)
-                if keep:
-                    group.append((key, kind, payload))
-                    size += len(payload) + len(key)
-                    if size >= self.target:
-                        emit()
-                elif kind == EXTERNAL:
-                    dead_blobs.append(decode_external(payload).obj_name)
+            for kept in live_records(a, data, includes_oldest, dead_blobs):
+                group.append(kept)
+                size += kept[3] + len(kept[0])
+                if size >= self.target:
+                    emit()
         emit()
         for upload in uploads:
             upload.result()

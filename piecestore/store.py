@@ -217,7 +217,7 @@ class PieceStore:
                 size = 0
             groups[-1].append((key, kind, payload))
             size += len(payload) + len(key)
-        built = [build_table(g) for g in groups]
+        built = [build_table(g, checked=True) for g in groups]  # keys and values checked on put
         list(self._write_pool.map(self._upload, built))
         uploaded = _Uploaded(built, time.monotonic())
         for spec, table in zip(uploaded.specs, built, strict=True):

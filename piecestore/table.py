@@ -106,13 +106,17 @@ class BuiltTable:
         return len(self.data) - self.index_bytes - self.keys_bytes
 
 
-def build_table(records: Iterable[tuple[str, int, bytes]]) -> BuiltTable:
+def build_table(records: Iterable[tuple[str, int, bytes]], *, checked: bool = False) -> BuiltTable:
     """Pack (key, kind, payload) records into one table file; on duplicate keys the last wins.
 
     Per record, Python does a dict insert, packs a 20-byte header and runs one checksum; the
-    index is built with numpy, and the values are copied once, by the final join.
+    index is built with numpy, and the values are copied once, by the final join. ``checked``
+    skips validating keys, kinds and payloads that the caller has already validated.
     """
     latest: dict[bytes, tuple[str, int, Bytes]] = {}
+    if checked:
+        latest = {key.encode("utf-8"): (key, kind, payload) for key, kind, payload in records}
+        records = ()
     for key, kind, payload in records:
         try:
             kb = key.encode("utf-8")
@@ -140,7 +144,6 @@ def build_table(records: Iterable[tuple[str, int, bytes]]) -> BuiltTable:
         latest[kb] = (key, kind, payload)
 
     keys = sorted(latest)  # UTF-8 byte order, which is also str (code point) order
-    n = len(keys)
     # One pass builds each record's bytes but the payload (header + key, checksum first) and
     # leaves the payload itself uncopied: the only copy of the values is the final join.
     parts: list[Bytes] = []
@@ -161,6 +164,39 @@ def build_table(records: Iterable[tuple[str, int, bytes]]) -> BuiltTable:
         kinds_l.append(kind)
         value_lens_l.append(size)
         hashes_l.append(hash_key(key))
+    return _finish_table(keys, parts, kinds_l, value_lens_l, hashes_l)
+
+
+RawRecord = tuple[bytes, Bytes, int, int, int]
+"""One whole stored record for :func:`copy_table`: (UTF-8 key, its bytes, kind, value length, key hash)."""
+
+
+def copy_table(records: Iterable[RawRecord]) -> BuiltTable:
+    """Pack records copied verbatim from other tables (compaction) into one new table file.
+
+    Each record keeps its bytes and checksum, and its key hash comes from the source index,
+    so no record is re-encoded or re-hashed: per record Python only sorts and gathers.
+    Keys must be unique; the caller has verified each record against its source.
+    """
+    ordered = sorted(records, key=_raw_key)
+    keys = [r[0] for r in ordered]
+    if len(set(keys)) != len(keys):
+        raise ValueError("copy_table got the same key twice; compaction keeps one live record per key")
+    parts: list[Bytes] = [r[1] for r in ordered]
+    kinds = [r[2] for r in ordered]
+    value_lens = [r[3] for r in ordered]
+    return _finish_table(keys, parts, kinds, value_lens, [r[4] for r in ordered])
+
+
+def _raw_key(record: RawRecord) -> bytes:
+    return record[0]
+
+
+def _finish_table(
+    keys: list[bytes], parts: list[Bytes], kinds_l: list[int], value_lens_l: list[int], hashes_l: list[int]
+) -> BuiltTable:
+    """Key block, index and footer after the records (``parts``, in key order), and the name."""
+    n = len(keys)
     kinds = np.array(kinds_l, dtype=np.uint8)
     value_lens = np.array(value_lens_l, dtype=np.uint64)
     key_lens = np.fromiter(map(len, keys), dtype=np.uint16, count=n)
@@ -189,7 +225,7 @@ def build_table(records: Iterable[tuple[str, int, bytes]]) -> BuiltTable:
     )[:_FOOTER_CHECKED]
     index_sum = xxhash.xxh3_64(index)
     index_sum.update(footer_head)
-    parts += (key_block, index, footer_head, pack_u64(index_sum.intdigest()), MAGIC)
+    parts += (key_block, index, footer_head, _U64.pack(index_sum.intdigest()), MAGIC)
     data = b"".join(parts)
     del parts
     live = int(value_lens[kinds != TOMBSTONE].sum())

@@ -161,6 +161,29 @@ def test_fsck_finds_damage_and_reads_stay_safe(tmp_path: Any) -> None:
         assert store.get("g/3") == bytes([3]) * 300  # other pieces still read
 
 
+@pytest.mark.parametrize("where", ["payload", "header"])
+def test_compaction_refuses_a_damaged_record_and_keeps_the_table(tmp_path: Any, where: str) -> None:
+    """Compaction copies records verbatim, so it must verify them: damage stops it, loses nothing."""
+    url = f"file://{tmp_path}"
+    with piecestore.open(url, gc_auto_compact=False, gc_grace_seconds=0) as store:
+        store.put_many({f"f/{i:02d}": bytes([i]) * 300 for i in range(50)})
+        store.put_many({f"f/{i:02d}": bytes([i + 1]) * 300 for i in range(25)})  # half of f/* dead
+        spec = store.manifest.tables[-1]
+        path = next(tmp_path.rglob(spec.name + "*"))
+        raw = bytearray(path.read_bytes())
+        rec = 20 + 4 + 300  # header, "f/NN", payload: the records are all this size
+        at = 30 * rec + (100 if where == "payload" else 10)  # live record f/30: payload or key_len
+        raw[at] ^= 0x01
+        path.write_bytes(bytes(raw))
+        report = store.gc(clock=later(10))
+        assert report.skipped and "record 30" in report.skipped_reasons[0]
+        assert path.exists() and spec.name in store.manifest.table_names()
+        store.cache = type(store.cache)(0)
+        with pytest.raises(CorruptionError):
+            store.get("f/30")
+        assert store.get("f/31") == bytes([31]) * 300 and store.get("f/01") == bytes([2]) * 300
+
+
 def _churn(url: str, worker: int, rounds: int) -> None:
     with piecestore.open(url, engine_flush_linger_ms=1.0, gc_grace_seconds=1, gc_auto_compact=False) as s:
         for r in range(rounds):
