@@ -44,6 +44,19 @@ class Batch:
         self.records[key] = record
         self.nbytes += len(record[1]) + len(key)
 
+    def add_many(self, records: dict[str, Record]) -> None:
+        if not self.records:
+            self.started = time.monotonic()
+        elif len(records) == 1:
+            for key, record in records.items():
+                self.add(key, record)
+            return
+        else:
+            for key in records.keys() & self.records.keys():
+                self.nbytes -= len(self.records[key][1]) + len(key)
+        self.records.update(records)
+        self.nbytes += sum([len(record[1]) + len(key) for key, record in records.items()])
+
     def wait(self) -> None:
         self.done.wait()
         if self.error is not None:
@@ -100,8 +113,7 @@ class GroupCommitter:
                 self._cond.notify_all()
                 self._cond.wait(0.05)
             batch = self._open
-            for key, record in records.items():
-                batch.add(key, record)
+            batch.add_many(records)
             if wait:
                 batch.waiters += 1
             if urgent:

@@ -12,6 +12,8 @@ MAX_KEY_BYTES = 1024
 
 def check_key(key: object) -> str:
     """Keys are str of 1..1024 UTF-8 bytes without NUL; anything else is refused."""
+    if type(key) is str and key.isascii() and 0 < len(key) <= MAX_KEY_BYTES and "\x00" not in key:
+        return key  # the common case, without encoding it
     if not isinstance(key, str):
         raise InvalidKeyError(f"piece key must be str, got {type(key).__name__}; decode bytes keys first")
     if not key:

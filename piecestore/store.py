@@ -142,10 +142,14 @@ class PieceStore:
         self._check_writable()
         records: dict[str, Record] = {}
         infos: list[PieceInfo] = []
+        limit = self.settings.engine.small_piece_max_bytes
         for key, data in values:
-            record, info = self._prepare(key, data)
-            records[key] = record
-            infos.append(info)
+            if type(data) is bytes and len(data) <= limit:  # _prepare's common case, inline
+                records[key] = (VALUE, data)
+                infos.append(PieceInfo(key, len(data), checksum(data)))
+            else:
+                records[key], info = self._prepare(key, data)
+                infos.append(info)
         if records:
             self._committer.submit(records, wait=self._must_wait(), urgent=True)
         return infos

@@ -6,8 +6,10 @@ import threading
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from piecestore.groupcommit import GroupCommitter, Record
+from piecestore.groupcommit import Batch, GroupCommitter, Record
 
 VALUE = 0
 
@@ -177,3 +179,12 @@ def test_many_threads_commit_in_order_and_nothing_is_lost() -> None:
         mine = [k for k in committed if k.startswith(f"{t}/")]
         assert mine == sorted(mine)
     assert len(rec.commits) < 8 * per_thread  # they shared commits
+
+
+@given(st.lists(st.dictionaries(st.sampled_from("abcdef"), st.binary(max_size=8), max_size=4), max_size=8))
+def test_batch_byte_count_matches_its_records(adds: list[dict[str, bytes]]) -> None:
+    """The byte count drives flush_bytes; overwrites within a batch must not inflate it."""
+    batch = Batch()
+    for add in adds:
+        batch.add_many({k: (VALUE, v) for k, v in add.items()})
+    assert batch.nbytes == sum(len(k) + len(v) for k, (_, v) in batch.records.items())
