@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
@@ -455,10 +457,15 @@ def resharding_memory() -> tuple[list[str], Any]:
     return memory_targets(5)[:4], lambda: None
 
 
-def test_resharding_store_matches_dict_model() -> None:
-    machine = type(
-        "Machine", (ReshardingModel,), {"__init__": lambda self: StoreModel.__init__(self, resharding_memory)}
-    )
+def resharding_files() -> tuple[list[str], Any]:
+    root = tempfile.mkdtemp(prefix="piecestore-reshard-model-")
+    return [f"file://{root}/s{i}" for i in range(4)], lambda: shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("factory", [resharding_memory, resharding_files], ids=["memory", "file"])
+def test_resharding_store_matches_dict_model(factory: Any) -> None:
+    init = {"__init__": lambda self: StoreModel.__init__(self, factory)}
+    machine = type("Machine", (ReshardingModel,), init)
     runner = settings(
         max_examples=20, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
     )(machine)
