@@ -142,3 +142,23 @@ def test_check_reports_an_unreachable_provider() -> None:
     first, second = result.rows[1], result.rows[2]
     assert not first.ok and "BackendUnavailableError" in first.detail
     assert not second.ok and second.detail.startswith("not run")
+
+
+def test_headline_states_the_round_trip_ceiling_of_threaded_puts() -> None:
+    """16 threads x durable put is bounded by two sequential PUTs; the headline says how close."""
+    from piecestore.bench.results import Row, headline
+
+    def row(workload: str, concurrency: int, pieces_per_s: float, size: int = 4096) -> Row:
+        return Row(
+            "s3", "test", workload, "packed", size, concurrency, 1, pieces_per_s, pieces_per_s, pieces_per_s,
+            pieces_per_s, pieces_per_s * size / 1e6, 0, 0, {}, None, "", False, {}, {}, None, "http", None,
+            1.0, [], 0.0, 100,
+        )  # fmt: skip
+
+    rows = [row("put_many", 1, 20_000), row("put", 16, 1_000), row("direct_put", 1, 300),
+            row("direct_put", 16, 1_500), row("large_put", 1, 30, size=64 << 20)]  # fmt: skip
+    checks = {c.check: c for c in headline(rows)}
+    assert checks["16 threads calling put vs put_many"].ratio == pytest.approx(0.05)
+    ceiling = checks["16 threads calling put vs 16 / (2 one-object PUT latencies)"]
+    assert ceiling.status == "INFO" and ceiling.ratio == pytest.approx(1_000 / 2_400)
+    assert "0.12x put_many" in ceiling.figures
