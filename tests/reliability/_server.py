@@ -16,7 +16,7 @@ import tempfile
 from typing import Self
 
 from piecestore.errors import BackendUnavailableError, ConfigError
-from piecestore.localserver import LocalS3Server, _free_ports, find_weed
+from piecestore.localserver import LocalS3Server, _die_with_parent, _free_ports, find_weed
 
 
 class RestartableS3Server(LocalS3Server):
@@ -59,6 +59,7 @@ class RestartableS3Server(LocalS3Server):
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # type: ignore[arg-type]
+            preexec_fn=_die_with_parent,  # a killed test run must not leave a server behind
         )
 
     def halt(self) -> None:
