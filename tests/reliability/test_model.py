@@ -120,16 +120,20 @@ class StoreModel(RuleBasedStateMachine):
 
     def _write(self, changes: dict[str, bytes | None]) -> None:
         for key, value in changes.items():
-            self.doubt.pop(key, None)
             if self.buffered:
+                # The doubt stays until this write is acknowledged: if the store is abandoned
+                # first, the key may still hold any value it was in doubt between.
                 self.pending[key] = value
-            elif value is None:
+                continue
+            self.doubt.pop(key, None)
+            if value is None:
                 self.model.pop(key, None)
             else:
                 self.model[key] = value
 
     def _acknowledge_pending(self) -> None:
         for key, value in self.pending.items():
+            self.doubt.pop(key, None)
             if value is None:
                 self.model.pop(key, None)
             else:
@@ -338,6 +342,30 @@ def zygote() -> Iterator[Zygote]:
     z = Zygote()
     yield z
     z.close()
+
+
+def test_model_keeps_doubt_through_an_unacknowledged_buffered_write() -> None:
+    """A sequence hypothesis found: an abandoned store's urgent delete lands, then a buffered put
+    of another store is abandoned too; the key may then be missing, and the model must allow it."""
+
+    class Machine(StoreModel):
+        url_factory = staticmethod(memory_url)
+
+    state = Machine()
+    state.stats = {"gc": 0, "gc_busy": 0, "abandon": 0, "crash": 0, "killed": 0}
+    state.start()
+    steps: list[Callable[[], None]] = [
+        lambda: state.put("k/0", b""),
+        lambda: state.reopen(buffered=True),
+        lambda: state.delete("k/0"),
+        lambda: state.abandon(),
+        lambda: state.put("k/0", b""),
+        lambda: state.abandon(),
+    ]
+    for step in steps:
+        step()
+        state.listing_matches()
+    state.teardown()
 
 
 def test_model_memory(figures: dict[str, Any]) -> None:
