@@ -172,13 +172,15 @@ class TableAnalysis:
 
 def analyze(store: PieceStore, tables: Sequence[tuple[TableSpec, TableIndex]]) -> list[TableAnalysis]:
     """Mark every record shadowed by a newer one, comparing exact keys (never just hashes)."""
+    def key_block(table: tuple[TableSpec, TableIndex]) -> bytes:
+        spec, index = table
+        return store.backend.get(table_object(spec.name), offset=index.records_bytes, length=index.keys_bytes)
+
     seen: set[str] = set()
     out: list[TableAnalysis] = []
-    for spec, index in tables:
-        off, length = index.records_bytes, index.keys_bytes
-        keys = decode_keys(
-            spec.name, store.backend.get(table_object(spec.name), offset=off, length=length), index
-        )
+    blocks = store._read_pool.map(key_block, tables)  # fetched concurrently, used in order
+    for (spec, index), block in zip(tables, blocks, strict=True):
+        keys = decode_keys(spec.name, block, index)
         dead = np.fromiter((k in seen for k in keys), dtype=np.bool_, count=len(keys))
         seen.update(keys)
         record_bytes = np.diff(index.offsets).astype(np.int64)
@@ -257,6 +259,29 @@ def live_records(
             raise CorruptionError(f"table {name}: record {pos} ({keys[pos][:80]!r}) fails its checksum")
         out.append((key, own(record), kind, value_len, key_hash))
     return out
+
+
+class _Prefetch:
+    """Fetch a run's tables a few at a time ahead of their use, within a byte budget."""
+
+    def __init__(self, pool: Any, backend: Any, specs: list[TableSpec], budget: int) -> None:
+        self._pool, self._backend, self._budget = pool, backend, budget
+        self._todo = list(reversed(specs))
+        self._inflight: list[tuple[int, Future[bytes]]] = []
+        self._fill()
+
+    def _fill(self) -> None:
+        held = sum(size for size, _ in self._inflight)
+        while self._todo and len(self._inflight) < 8 and (not self._inflight or held < self._budget):
+            spec = self._todo.pop()
+            self._inflight.append((spec.size, self._pool.submit(self._backend.get, table_object(spec.name))))
+            held += spec.size
+
+    def next(self) -> bytes:
+        _, future = self._inflight.pop(0)
+        data: bytes = future.result()
+        self._fill()
+        return data
 
 
 def _same(record: memoryview) -> memoryview:
@@ -406,19 +431,21 @@ class GarbageCollector:
             built_specs.append(spec)
             report.rewritten_bytes += len(t.data)
 
-        fetch = reads.submit(self.backend.get, table_object(run[0].spec.name))
-        for i, a in enumerate(run):
-            data = fetch.result()
-            if i + 1 < len(run):
-                fetch = reads.submit(self.backend.get, table_object(run[i + 1].spec.name))
-            for kept in live_records(a, data, includes_oldest, dead_blobs):
-                group.append(kept)
-                size += kept[3] + len(kept[0])
-                if size >= self.target:
-                    emit()
-        emit()
-        for upload in uploads:
-            upload.result()
+        try:
+            fetches = _Prefetch(reads, self.backend, [a.spec for a in run], self.target)
+            for a in run:
+                data = fetches.next()
+                for kept in live_records(a, data, includes_oldest, dead_blobs):
+                    group.append(kept)
+                    size += kept[3] + len(kept[0])
+                    if size >= self.target:
+                        emit()
+            emit()
+            for upload in uploads:
+                upload.result()
+        except BaseException:  # nothing of this run will be committed
+            self.store.tables.discard(s.name for s in built_specs)
+            raise
         specs = tuple(built_specs)
         replaced = [a.spec.name for a in run]
         record = write_pending(self.backend, self.clock(), [table_object(n) for n in replaced] + dead_blobs)
@@ -440,6 +467,7 @@ class GarbageCollector:
         committed = self.store._commit(swap).manifest
         if committed.version == before or not ({s.name for s in specs} <= committed.table_names()):
             # not committed: our new tables are referenced by nobody, remove them now
+            self.store.tables.discard(s.name for s in specs)
             self.backend.delete_many([table_object(s.name) for s in specs] + [record])
             raise PieceStoreError(
                 "the tables changed under the compaction; it will be retried by the next GC"

@@ -241,7 +241,11 @@ class PieceStore:
             # Within one batch later groups hold later keys only, so their order is immaterial.
             return dataclasses.replace(m, tables=newest_first + m.tables)
 
-        self._commit(add_tables)
+        try:
+            self._commit(add_tables)
+        except BaseException:
+            self.tables.discard(spec.name for spec in newest_first)
+            raise
         if self.settings.gc.auto_compact:
             self._maybe_auto_compact()
 

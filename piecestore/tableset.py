@@ -8,7 +8,8 @@ hashes without any I/O.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -20,6 +21,10 @@ from piecestore.errors import CorruptionError, NotFoundError, PieceStoreError
 from piecestore.manifest import TABLES_PREFIX, TableSpec
 from piecestore.table import FOOTER, FOOTER_BYTES, FORMAT_VERSION, MAGIC, checksum, key_hash, parse_index
 from piecestore.tableindex import TableIndex
+
+# How long a built table may wait for its commit before a sync forgets its index (it is then
+# fetched again if the commit still lands): bounds what a failed commit can leave in memory.
+UNPUBLISHED_TTL = 600.0
 
 
 def table_object(name: str) -> str:
@@ -77,12 +82,24 @@ class TableSet:
         self._lock = threading.Lock()
         self._indexes: dict[str, TableIndex] = {}
         self._order: tuple[TableSpec, ...] = ()  # newest first
+        # Tables this process built that no manifest has listed yet (a batch or a compaction
+        # about to commit), with when they were added: a sync in between must not drop them,
+        # or their commit would fetch back an index it had in hand.
+        self._unpublished: dict[str, float] = {}
 
     def add_built(self, spec: TableSpec, suffix: bytes) -> None:
         """Register a table this process just wrote, from bytes already in hand."""
         index = parse_index(spec.name, suffix, file_size=spec.size)
         with self._lock:
             self._indexes[spec.name] = index
+            self._unpublished[spec.name] = time.monotonic()
+
+    def discard(self, names: Iterable[str]) -> None:
+        """Forget built tables whose commit failed."""
+        with self._lock:
+            for name in names:
+                if self._unpublished.pop(name, None) is not None:
+                    self._indexes.pop(name, None)
 
     def sync(self, specs: Sequence[TableSpec]) -> None:
         """Make the loaded set match a manifest: load new indexes concurrently, drop old ones."""
@@ -90,10 +107,16 @@ class TableSet:
             missing = [s for s in specs if not isinstance(self._indexes.get(s.name), TableIndex)]
         loaded = list(self._pool.map(self._load, missing))
         wanted = {s.name for s in specs}
+        stale = time.monotonic() - UNPUBLISHED_TTL
         with self._lock:
             for spec, index in zip(missing, loaded, strict=True):
                 self._indexes[spec.name] = index
-            for name in [n for n in self._indexes if n not in wanted]:
+            for name in wanted.intersection(self._unpublished):
+                del self._unpublished[name]
+            for name, added in list(self._unpublished.items()):
+                if added < stale:
+                    del self._unpublished[name]
+            for name in [n for n in self._indexes if n not in wanted and n not in self._unpublished]:
                 del self._indexes[name]
             self._order = tuple(specs)
 
