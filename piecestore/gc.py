@@ -170,7 +170,9 @@ class TableAnalysis:
         return self.dead_bytes / max(1, int(self.record_bytes.sum()))
 
 
-def analyze(store: PieceStore, tables: Sequence[tuple[TableSpec, TableIndex]]) -> list[TableAnalysis]:
+def analyze(
+    store: PieceStore, tables: Sequence[tuple[TableSpec, TableIndex]], *, concurrent: bool = False
+) -> list[TableAnalysis]:
     """Mark every record shadowed by a newer one, comparing exact keys (never just hashes)."""
     def key_block(table: tuple[TableSpec, TableIndex]) -> bytes:
         spec, index = table
@@ -178,7 +180,9 @@ def analyze(store: PieceStore, tables: Sequence[tuple[TableSpec, TableIndex]]) -
 
     seen: set[str] = set()
     out: list[TableAnalysis] = []
-    blocks = store._read_pool.map(key_block, tables)  # fetched concurrently, used in order
+    # Concurrent fetches suit the background compaction's many small tables; a full GC pass
+    # reads one key block at a time so that writers sharing the store keep their throughput.
+    blocks = store._read_pool.map(key_block, tables) if concurrent else map(key_block, tables)
     for (spec, index), block in zip(tables, blocks, strict=True):
         keys = decode_keys(spec.name, block, index)
         dead = np.fromiter((k in seen for k in keys), dtype=np.bool_, count=len(keys))
@@ -259,6 +263,9 @@ def live_records(
             raise CorruptionError(f"table {name}: record {pos} ({keys[pos][:80]!r}) fails its checksum")
         out.append((key, own(record), kind, value_len, key_hash))
     return out
+
+
+PREFETCH_BYTES = 8 * 1024 * 1024
 
 
 class _Prefetch:
@@ -360,7 +367,7 @@ class GarbageCollector:
         if len(run) >= min_tables:
             includes_oldest = len(run) == len(tables)
             report.compacted_tables = len(run)
-            self._rewrite(analyze(self.store, run), includes_oldest, report)
+            self._rewrite(analyze(self.store, run, concurrent=True), includes_oldest, report)
         report.seconds = time.monotonic() - started
         return report
 
@@ -432,7 +439,9 @@ class GarbageCollector:
             report.rewritten_bytes += len(t.data)
 
         try:
-            fetches = _Prefetch(reads, self.backend, [a.spec for a in run], self.target)
+            # Many small tables are fetched well ahead (latency-bound); big ones one ahead, so
+            # a compaction does not crowd out the writers sharing the store.
+            fetches = _Prefetch(reads, self.backend, [a.spec for a in run], PREFETCH_BYTES)
             for a in run:
                 data = fetches.next()
                 for kept in live_records(a, data, includes_oldest, dead_blobs):
