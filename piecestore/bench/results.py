@@ -248,6 +248,10 @@ def _ratio(r: float | None) -> str:
     return "-" if r is None else f"{math.floor(r * 100) / 100:.2f}x"
 
 
+def _target(c: Check) -> str:
+    return f">= {c.target:g}x" if c.target else "-"  # 0: a figure to read, not a target
+
+
 def _fmt(x: float) -> str:
     if x >= 100_000:
         return f"{x / 1000:.0f}k"
@@ -384,7 +388,7 @@ class BenchResult:
         for c in self.checks:
             ratio = _ratio(c.ratio)
             lines.append(
-                f"| {c.provider} | {c.check} | {ratio} | >= {c.target:g}x | **{c.status}** | {c.figures} |"
+                f"| {c.provider} | {c.check} | {ratio} | {_target(c)} | **{c.status}** | {c.figures} |"
             )
         return "\n".join(lines) + "\n"
 
@@ -395,7 +399,7 @@ class BenchResult:
         colors = {"PASS": "green", "FAIL": "red", "INFO": "cyan", "N/A": "yellow"}
         for c in self.checks:
             table.add_row(
-                c.provider, c.check, _ratio(c.ratio), f">= {c.target:g}x",
+                c.provider, c.check, _ratio(c.ratio), _target(c),
                 f"[{colors[c.status]}]{c.status}[/]", c.figures,
             )  # fmt: skip
         return table
