@@ -104,16 +104,19 @@ def _packed_vs_direct(result: BenchResult, path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
     width = 0.2
     for ax, (title, bars) in zip(axes, groups, strict=True):
+        drawn_any = False
         for k, (workload, conc, label) in enumerate(bars):
             values = [_pick(rows, p, workload, conc) for p in providers]
+            drawn_any = drawn_any or any(v > 0 for v in values)
             xs = [i + (k - 1.5) * width for i in range(len(providers))]
             drawn = ax.bar(xs, values, width, label=label)
             ax.bar_label(drawn, labels=[f"{v:,.0f}" if v else "" for v in values], fontsize=7, rotation=90,
                          padding=2)  # fmt: skip
         ax.set_xticks(range(len(providers)), providers)
-        ax.set_yscale("log")
-        low, high = ax.get_ylim()
-        ax.set_ylim(low, high * 4)  # room for the value labels above the bars
+        if drawn_any:  # a log scale needs a positive value (a tiny run may have none in a panel)
+            ax.set_yscale("log")
+            low, high = ax.get_ylim()
+            ax.set_ylim(low, high * 4)  # room for the value labels above the bars
         ax.set_ylabel("pieces/s (median of runs)")
         ax.set_title(title)
         ax.grid(True, axis="y", which="both", alpha=0.3)
