@@ -260,9 +260,16 @@ class PieceStore:
             from piecestore.gc import GarbageCollector
             from piecestore.lease import GCBusyError
 
+            min_tables = self.settings.gc.compact_min_tables
             with contextlib.suppress(PieceStoreError):
-                if GarbageCollector(self).compact_tiered(self.settings.gc.compact_min_tables).written_tables:
+                # Commits that land during a run are not in it: go again while they pile up
+                # (bounded), since the next trigger is only the next commit.
+                for _ in range(8):
+                    if not GarbageCollector(self).compact_tiered(min_tables).written_tables:
+                        break
                     self._compacted_since_full_gc = True
+                    if len(self._view.manifest.tables) < min_tables:
+                        break
             # Deletions become due only after the grace period, so a full pass (listing and
             # all) runs at most every half grace period, and only when compaction left work.
             every = max(60.0, self.settings.gc.grace_seconds / 2)
