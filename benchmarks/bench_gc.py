@@ -486,23 +486,9 @@ def start_server(stack: contextlib.ExitStack) -> Any:
     """One local SeaweedFS for the run, stopped (by its PID, data removed) when ``stack`` closes."""
     from piecestore.localserver import LocalS3Server
 
-    for attempt in range(4):
-        server = LocalS3Server()
-        try:
-            server.start()
-            time.sleep(1.0)  # weed may exit a moment after its S3 port answers if a side port is taken
-            if server.proc is None or server.proc.poll() is not None:
-                raise RuntimeError("the local SeaweedFS exited right after starting")
-            server.make_bucket(BUCKET)
-        except Exception:
-            server.stop()
-            if attempt == 3:
-                raise
-            time.sleep(3.0 * (attempt + 1))
-            continue
-        stack.callback(server.stop)
-        return server
-    raise AssertionError("unreachable")
+    server = LocalS3Server.start_with_bucket(BUCKET, attempts=4)
+    stack.callback(server.stop)
+    return server
 
 
 # -- report -------------------------------------------------------------------------------------

@@ -252,7 +252,7 @@ def live_records(
     keys, hdr = a.keys, RECORD_HEADER.size
     # Views into ``data`` keep the whole input alive until its records are written out; when
     # most of it is dead, copy the few live records instead, so memory stays near the output.
-    own: Any = bytes if len(kept) * 2 < index.count else _same
+    copy = len(kept) * 2 < index.count
     for pos, start, end, stored, kind, value_len, key_hash in zip(
         kept.tolist(), starts.tolist(), ends.tolist(), fields["checksum"].tolist(),
         fields["kind"].tolist(), fields["value_len"].tolist(), hash_of[kept].tolist(), strict=True,
@@ -261,7 +261,7 @@ def live_records(
         key = keys[pos].encode("utf-8")
         if checksum(record[8:]) != stored or record[hdr : hdr + len(key)] != key:
             raise CorruptionError(f"table {name}: record {pos} ({keys[pos][:80]!r}) fails its checksum")
-        out.append((key, own(record), kind, value_len, key_hash))
+        out.append((key, bytes(record) if copy else record, kind, value_len, key_hash))
     return out
 
 
@@ -289,10 +289,6 @@ class _Prefetch:
         data: bytes = future.result()
         self._fill()
         return data
-
-
-def _same(record: memoryview) -> memoryview:
-    return record
 
 
 _HEADER_DTYPE = np.dtype(
@@ -433,9 +429,7 @@ class GarbageCollector:
             while len(uploads) >= limit:
                 uploads.pop(0).result()
             uploads.append(writes.submit(self.backend.put, table_object(t.name), t.data))
-            spec = TableSpec(t.name, t.count, len(t.data), t.index_bytes, t.keys_bytes, t.live_bytes)
-            self.store.tables.add_built(spec, t.data[-t.index_bytes :])
-            built_specs.append(spec)
+            built_specs.append(self.store.tables.add_built(t))
             report.rewritten_bytes += len(t.data)
 
         try:

@@ -20,7 +20,7 @@ from typing import Any
 Record = tuple[int, bytes]  # (kind, payload)
 
 # A batch moves through these states; the committer takes PREPARED ones, oldest first.
-_PREPARING, _PREPARED, _COMMITTING, _DONE = 0, 1, 2, 3
+_PREPARING, _PREPARED, _COMMITTING = 0, 1, 2
 
 
 @dataclass(eq=False)  # identity: a batch is removed from the pipeline as itself
@@ -237,7 +237,6 @@ class GroupCommitter:
         with self._cond:
             for batch in batches:
                 batch.error = error
-                batch.state = _DONE
                 batch.prepared = None
                 self._pipeline.remove(batch)
                 if error is not None and batch.waiters == 0:

@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -110,6 +111,34 @@ class LocalS3Server:
                 return self
             self.stop()
         raise BackendUnavailableError("the local SeaweedFS S3 server did not become ready; see its weed.log")
+
+    @classmethod
+    def start_with_bucket(
+        cls, bucket: str, *, attempts: int = 6, on_retry: Callable[[], None] | None = None
+    ) -> LocalS3Server:
+        """A started server holding ``bucket``, retried with backoff when weed dies at startup.
+
+        weed may exit a moment after its S3 port answers (another weed on the machine holding a
+        side port), so a start counts only if the process is still alive a second later.
+        """
+        for attempt in range(attempts):
+            server = cls()
+            try:
+                server.start()
+                time.sleep(1.0)
+                if server.proc is None or server.proc.poll() is not None:
+                    raise BackendUnavailableError("the local SeaweedFS exited right after starting")
+                server.make_bucket(bucket)
+            except Exception:
+                server.stop()
+                if attempt == attempts - 1:
+                    raise
+                if on_retry is not None:
+                    on_retry()
+                time.sleep(3.0 * (attempt + 1))
+                continue
+            return server
+        raise AssertionError("unreachable")
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.startup_timeout

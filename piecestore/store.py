@@ -142,14 +142,9 @@ class PieceStore:
         self._check_writable()
         records: dict[str, Record] = {}
         infos: list[PieceInfo] = []
-        limit = self.settings.engine.small_piece_max_bytes
         for key, data in values:
-            if type(data) is bytes and len(data) <= limit:  # _prepare's common case, inline
-                records[key] = (VALUE, data)
-                infos.append(PieceInfo(key, len(data), checksum(data)))
-            else:
-                records[key], info = self._prepare(key, data)
-                infos.append(info)
+            records[key], info = self._prepare(key, data)
+            infos.append(info)
         if records:
             self._committer.submit(records, wait=self._must_wait(), urgent=True)
         return infos
@@ -223,10 +218,7 @@ class PieceStore:
             size += len(payload) + len(key)
         built = [build_table(g, checked=True) for g in groups]  # keys and values checked on put
         list(self._write_pool.map(self._upload, built))
-        uploaded = _Uploaded(built, time.monotonic())
-        for spec, table in zip(uploaded.specs, built, strict=True):
-            self.tables.add_built(spec, table.data[-table.index_bytes :])
-        return uploaded
+        return _Uploaded(built, [self.tables.add_built(t) for t in built], time.monotonic())
 
     def _commit_batches(self, batches: list[_Uploaded]) -> None:
         """Commit the tables of several uploaded batches (oldest first) with one manifest CAS."""
@@ -660,14 +652,8 @@ class _Uploaded:
     """A batch's table files, uploaded and waiting to be committed."""
 
     built: list[BuiltTable]
+    specs: list[TableSpec]  # their manifest entries, in the same order
     uploaded_at: float  # monotonic
-
-    @property
-    def specs(self) -> list[TableSpec]:
-        return [
-            TableSpec(b.name, b.count, len(b.data), b.index_bytes, b.keys_bytes, b.live_bytes)
-            for b in self.built
-        ]
 
 
 class _StaleView(Exception):

@@ -113,10 +113,38 @@ def build_table(records: Iterable[tuple[str, int, bytes]], *, checked: bool = Fa
     index is built with numpy, and the values are copied once, by the final join. ``checked``
     skips validating keys, kinds and payloads that the caller has already validated.
     """
-    latest: dict[bytes, tuple[str, int, Bytes]] = {}
+    latest: dict[bytes, tuple[str, int, Bytes]]
     if checked:
         latest = {key.encode("utf-8"): (key, kind, payload) for key, kind, payload in records}
-        records = ()
+    else:
+        latest = _validated(records)
+    keys = sorted(latest)  # UTF-8 byte order, which is also str (code point) order
+    # One pass builds each record's bytes but the payload (header + key, checksum first) and
+    # leaves the payload itself uncopied: the only copy of the values is the final join.
+    parts: list[Bytes] = []
+    add = parts.append
+    pack_rest, pack_u64, stream = _HEADER_REST.pack, _U64.pack, xxhash.xxh3_64
+    kinds_l: list[int] = []
+    value_lens_l: list[int] = []
+    hashes_l: list[int] = []
+    hash_key = key_hash  # looked up per build, so a monkeypatched key_hash is honoured
+    for kb in keys:
+        key, kind, value = latest[kb]
+        size = value.nbytes if isinstance(value, memoryview) else len(value)
+        rest = pack_rest(kind, 0, len(kb), size) + kb
+        h = stream(rest)
+        h.update(value)
+        add(pack_u64(h.intdigest()) + rest)
+        add(value)
+        kinds_l.append(kind)
+        value_lens_l.append(size)
+        hashes_l.append(hash_key(key))
+    return _finish_table(keys, parts, kinds_l, value_lens_l, hashes_l)
+
+
+def _validated(records: Iterable[tuple[str, int, Bytes]]) -> dict[bytes, tuple[str, int, Bytes]]:
+    """build_table's records by UTF-8 key (the last of a key wins), each checked or refused."""
+    latest: dict[bytes, tuple[str, int, Bytes]] = {}
     for key, kind, payload in records:
         try:
             kb = key.encode("utf-8")
@@ -142,29 +170,7 @@ def build_table(records: Iterable[tuple[str, int, bytes]], *, checked: bool = Fa
             except CorruptionError as e:
                 raise ValueError(f"external record for key {key[:60]!r}: {e}") from None
         latest[kb] = (key, kind, payload)
-
-    keys = sorted(latest)  # UTF-8 byte order, which is also str (code point) order
-    # One pass builds each record's bytes but the payload (header + key, checksum first) and
-    # leaves the payload itself uncopied: the only copy of the values is the final join.
-    parts: list[Bytes] = []
-    add = parts.append
-    pack_rest, pack_u64, stream = _HEADER_REST.pack, _U64.pack, xxhash.xxh3_64
-    kinds_l: list[int] = []
-    value_lens_l: list[int] = []
-    hashes_l: list[int] = []
-    hash_key = key_hash  # looked up per build, so a monkeypatched key_hash is honoured
-    for kb in keys:
-        key, kind, value = latest[kb]
-        size = value.nbytes if isinstance(value, memoryview) else len(value)
-        rest = pack_rest(kind, 0, len(kb), size) + kb
-        h = stream(rest)
-        h.update(value)
-        add(pack_u64(h.intdigest()) + rest)
-        add(value)
-        kinds_l.append(kind)
-        value_lens_l.append(size)
-        hashes_l.append(hash_key(key))
-    return _finish_table(keys, parts, kinds_l, value_lens_l, hashes_l)
+    return latest
 
 
 RawRecord = tuple[bytes, Bytes, int, int, int]

@@ -19,7 +19,16 @@ from piecestore.backends import Backend
 from piecestore.diskcache import DiskCache
 from piecestore.errors import CorruptionError, NotFoundError, PieceStoreError
 from piecestore.manifest import TABLES_PREFIX, TableSpec
-from piecestore.table import FOOTER, FOOTER_BYTES, FORMAT_VERSION, MAGIC, checksum, key_hash, parse_index
+from piecestore.table import (
+    FOOTER,
+    FOOTER_BYTES,
+    FORMAT_VERSION,
+    MAGIC,
+    BuiltTable,
+    checksum,
+    key_hash,
+    parse_index,
+)
 from piecestore.tableindex import TableIndex
 
 # How long a built table may wait for its commit before a sync forgets its index (it is then
@@ -87,12 +96,16 @@ class TableSet:
         # or their commit would fetch back an index it had in hand.
         self._unpublished: dict[str, float] = {}
 
-    def add_built(self, spec: TableSpec, suffix: bytes) -> None:
-        """Register a table this process just wrote, from bytes already in hand."""
-        index = parse_index(spec.name, suffix, file_size=spec.size)
+    def add_built(self, table: BuiltTable) -> TableSpec:
+        """Register a table this process just wrote, from bytes already in hand; its manifest entry."""
+        spec = TableSpec(
+            table.name, table.count, len(table.data), table.index_bytes, table.keys_bytes, table.live_bytes
+        )
+        index = parse_index(spec.name, table.data[-table.index_bytes :], file_size=spec.size)
         with self._lock:
             self._indexes[spec.name] = index
             self._unpublished[spec.name] = time.monotonic()
+        return spec
 
     def discard(self, names: Iterable[str]) -> None:
         """Forget built tables whose commit failed."""

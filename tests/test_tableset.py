@@ -45,7 +45,7 @@ def test_a_sync_before_its_commit_keeps_a_built_table(tables: Any) -> None:
     new, t_new = built("b")
     for spec, t in ((old, t_old), (new, t_new)):
         backend.put(table_object(spec.name), t.data)
-        ts.add_built(spec, t.data[-t.index_bytes :])
+        ts.add_built(t)
     ts.sync([old])  # a manifest that lists only the older table
     ts.sync([new, old])  # the newer one's commit
     assert backend.gets == 0  # its index was kept, not fetched back
@@ -59,8 +59,8 @@ def test_failed_and_stale_commits_do_not_pin_indexes(tables: Any, monkeypatch: p
     ts, _ = tables
     a, t_a = built("a")
     b, t_b = built("b")
-    ts.add_built(a, t_a.data[-t_a.index_bytes :])
-    ts.add_built(b, t_b.data[-t_b.index_bytes :])
+    ts.add_built(t_a)
+    ts.add_built(t_b)
     ts.discard([a.name])  # its commit failed
     ts.sync([])
     assert a.name not in ts._indexes and b.name in ts._indexes

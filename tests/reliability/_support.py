@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import threading
 import uuid
 from collections.abc import Iterable
@@ -182,3 +183,31 @@ def verify_against(store: PieceStore, log: Replay, extra_keys: Iterable[str] = (
     listed = {p.key for p in store.list()}
     assert listed == set(got), f"listing disagrees with reads: {sorted(listed ^ set(got))[:5]}"
     return result
+
+
+def kill_at_write(store: PieceStore, at: int, *, after: bool) -> None:
+    """SIGKILL this process at the ``at``-th write request of the store (put, delete,
+    delete_many), just before it is sent or just after it returns: a crash at a chosen I/O."""
+    backend = store.backend
+    calls = 0
+    lock = threading.Lock()
+
+    def tick() -> None:
+        nonlocal calls
+        with lock:
+            calls += 1
+            if calls == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    for name in ("put", "delete", "delete_many"):
+        original = getattr(backend, name)
+
+        def wrapped(*a: Any, _original: Any = original, **kw: Any) -> Any:
+            if not after:
+                tick()
+            result = _original(*a, **kw)
+            if after:
+                tick()
+            return result
+
+        setattr(backend, name, wrapped)

@@ -15,7 +15,6 @@ import contextlib
 import faulthandler
 import json
 import os
-import signal
 import sys
 import traceback
 from datetime import UTC, datetime, timedelta
@@ -26,37 +25,14 @@ import piecestore.backends.file
 import piecestore.backends.s3
 import piecestore.gc
 import piecestore.store
-from piecestore import PieceStore
 from piecestore.lease import GCBusyError
-
-
-def install_killer(store: PieceStore, at: int, after: bool) -> None:
-    backend = store.backend
-    calls = [0]
-
-    def tick() -> None:
-        calls[0] += 1
-        if calls[0] == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    for name in ("put", "delete", "delete_many"):
-        original = getattr(backend, name)
-
-        def wrapped(*a: Any, _original: Any = original, **kw: Any) -> Any:
-            if not after:
-                tick()
-            result = _original(*a, **kw)
-            if after:
-                tick()
-            return result
-
-        setattr(backend, name, wrapped)
+from tests.reliability._support import kill_at_write
 
 
 def run_job(job: dict[str, Any]) -> None:
     store = piecestore.open(job["url"], **job["overrides"])
     if job.get("kill_at"):
-        install_killer(store, int(job["kill_at"]), bool(job.get("after")))
+        kill_at_write(store, int(job["kill_at"]), after=bool(job.get("after")))
     ack = os.open(job["acks"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     for i, op in enumerate(job["ops"]):
         kind = op[0]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 from piecestore import NotFoundError, PieceStore
 from piecestore.lease import GCBusyError
-from tests.reliability._support import AckLog, State, matches, open_store, replay, value_for
+from tests.reliability._support import AckLog, State, kill_at_write, matches, open_store, replay, value_for
 
 
 class LogTail:
@@ -79,33 +78,7 @@ class Worker:
         self.count_lock = threading.Lock()
         self.store: PieceStore = open_store(cfg["url"], **cfg.get("overrides", {}))
         if cfg.get("selfkill_at"):
-            self._install_killer(int(cfg["selfkill_at"]))
-
-    # -- fault injection -----------------------------------------------------------------
-    def _install_killer(self, at: int) -> None:
-        backend = self.store.backend
-        calls = {"n": 0}
-        lock = threading.Lock()
-        after = self.rng.random() < 0.5
-
-        def tick() -> None:
-            with lock:
-                calls["n"] += 1
-                if calls["n"] == at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-        for name in ("put", "delete", "delete_many"):
-            original = getattr(backend, name)
-
-            def wrapped(*a: Any, _original: Any = original, **kw: Any) -> Any:
-                if not after:
-                    tick()
-                result = _original(*a, **kw)
-                if after:
-                    tick()
-                return result
-
-            setattr(backend, name, wrapped)
+            kill_at_write(self.store, int(cfg["selfkill_at"]), after=self.rng.random() < 0.5)
 
     def bump(self, what: str, n: int = 1) -> None:
         with self.count_lock:
