@@ -47,6 +47,7 @@ from piecestore.table import (
 )
 from piecestore.tableindex import TableIndex
 from piecestore.tableset import table_object
+from piecestore.tiering import small_table_bytes
 
 if TYPE_CHECKING:
     from piecestore.store import PieceStore
@@ -306,7 +307,9 @@ class GarbageCollector:
         self.grace = timedelta(seconds=gc.grace_seconds)
         self.dead_fraction = gc.dead_fraction
         self.lease_seconds = gc.lease_seconds
-        self.target = store.settings.engine.table_target_bytes
+        eng = store.settings.engine
+        self.target = eng.table_target_bytes
+        self.small = small_table_bytes(eng.table_target_bytes, eng.flush_bytes)
 
     # -- the pass ------------------------------------------------------------------------
     def run(self, *, dry_run: bool = False, compact: bool = True, delete: bool = True) -> GCReport:
@@ -341,35 +344,28 @@ class GarbageCollector:
         return report
 
     # -- compaction ----------------------------------------------------------------------
-    def compact_tiered(self, min_tables: int) -> GCReport:
-        """Background compaction: merge the newest run of similar-sized small tables.
+    def compact_tiered(self) -> GCReport:
+        """Background compaction: merge the run of tables :func:`pick_run` picks, if any.
 
-        A table joins the run while it is no bigger than all newer tables of the run together,
-        so each byte is rewritten about log2(n) times, not on every merge (size tiering, as
-        LSM stores do). It reads only the run's tables and needs no lease: the swap is a CAS
-        that fails cleanly if anything else changed those tables. Records are dropped only
-        when shadowed inside the run, so nothing outside it must be read.
+        It reads only the run's tables and needs no lease: the swap is a CAS that fails
+        cleanly if anything else changed those tables. Records are dropped only when shadowed
+        inside the run, so nothing outside it must be read.
         """
         started = time.monotonic()
         report = GCReport(dry_run=False)
         tables = self.store.tables.snapshot()
-        run: list[tuple[TableSpec, TableIndex]] = []
-        total = 0
-        for spec, index in tables:
-            if spec.size >= self.target or (run and spec.size > total):
-                break
-            run.append((spec, index))
-            total += spec.size
-        if len(run) >= min_tables:
-            includes_oldest = len(run) == len(tables)
-            report.compacted_tables = len(run)
-            self._rewrite(analyze(self.store, run, concurrent=True), includes_oldest, report)
+        picked = self.store.compaction_run([spec for spec, _ in tables])
+        if picked is not None:
+            start, stop = picked
+            report.compacted_tables = stop - start
+            run = tables[start:stop]
+            self._rewrite(analyze(self.store, run, concurrent=True), stop == len(tables), report)
         report.seconds = time.monotonic() - started
         return report
 
     def plan_runs(self, analysis: Sequence[TableAnalysis]) -> list[list[TableAnalysis]]:
         """Adjacent tables worth rewriting together: mostly dead, or small enough to merge."""
-        small = self.target // 4
+        small = self.small
         runs: list[list[TableAnalysis]] = []
         current: list[TableAnalysis] = []
         for a in analysis:

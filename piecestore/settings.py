@@ -340,6 +340,12 @@ class GcSettings(_Group):
         le=100_000,
         description="background compaction starts once the manifest lists this many tables",
     )
+    compact_max_tables: int = Field(
+        default=256,
+        ge=2,
+        le=1_000_000,
+        description="beyond this many tables, background compaction also merges full-size ones",
+    )
     lease_seconds: float = Field(
         default=60.0, gt=0, le=86400, description="GC/compaction lease; a crashed holder loses it after this"
     )

@@ -15,7 +15,7 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
@@ -55,6 +55,7 @@ from piecestore.table import (
 )
 from piecestore.tableindex import TableIndex
 from piecestore.tableset import TableSet, table_object
+from piecestore.tiering import pick_run, small_table_bytes
 
 if TYPE_CHECKING:
     from piecestore.fsck import FsckReport
@@ -243,7 +244,7 @@ class PieceStore:
 
     def _maybe_auto_compact(self) -> None:
         """Start a background compaction when tables pile up; one at a time per process."""
-        if len(self._view.manifest.tables) < self.settings.gc.compact_min_tables:
+        if self.compaction_run(self._view.manifest.tables) is None:
             return
         if self._compactor is not None and self._compactor.is_alive():
             return
@@ -252,15 +253,14 @@ class PieceStore:
             from piecestore.gc import GarbageCollector
             from piecestore.lease import GCBusyError
 
-            min_tables = self.settings.gc.compact_min_tables
             with contextlib.suppress(PieceStoreError):
                 # Commits that land during a run are not in it: go again while they pile up
                 # (bounded), since the next trigger is only the next commit.
                 for _ in range(8):
-                    if not GarbageCollector(self).compact_tiered(min_tables).written_tables:
+                    if not GarbageCollector(self).compact_tiered().written_tables:
                         break
                     self._compacted_since_full_gc = True
-                    if len(self._view.manifest.tables) < min_tables:
+                    if self.compaction_run(self._view.manifest.tables) is None:
                         break
             # Deletions become due only after the grace period, so a full pass (listing and
             # all) runs at most every half grace period, and only when compaction left work.
@@ -274,6 +274,17 @@ class PieceStore:
         compactor = threading.Thread(target=work, name="piecestore-compactor", daemon=True)
         compactor.start()
         self._compactor = compactor  # published once started: gc() and close() join it
+
+    def compaction_run(self, tables: Sequence[TableSpec]) -> tuple[int, int] | None:
+        """The slice of ``tables`` (newest first) background compaction would merge now."""
+        eng, gc = self.settings.engine, self.settings.gc
+        return pick_run(
+            [t.size for t in tables],
+            small=small_table_bytes(eng.table_target_bytes, eng.flush_bytes),
+            target=eng.table_target_bytes,
+            min_tables=gc.compact_min_tables,
+            max_tables=gc.compact_max_tables,
+        )
 
     def _upload(self, table: BuiltTable) -> None:
         self.backend.put(table_object(table.name), table.data)
