@@ -54,19 +54,31 @@ def check_keys(keys: object) -> list[str]:
 
 
 def check_items(items: object) -> list[tuple[str, bytes | BinaryIO]]:
-    """put_many's argument: a mapping or (key, value) pairs, every key and value checked."""
+    """put_many's argument: a mapping or (key, value) pairs, every key and value checked.
+
+    A (str, bytes) pair that passes is kept as it is: a big batch allocates no new objects.
+    """
     if isinstance(items, (str, bytes, bytearray)):
         raise InvalidValueError(
             f"put_many takes a mapping or (key, value) pairs, got a single {type(items).__name__}"
         )
     pairs: list[Any] = list(items.items() if isinstance(items, Mapping) else items)  # type: ignore[call-overload]
-    for pair in pairs:
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise InvalidValueError(
-                f"put_many takes (key, value) pairs, got {type(pair).__name__} {pair!r:.60}"
-            )
-    checked = [(check_key(k), v) for k, v in pairs]
-    return [(k, check_value(k, v)) for k, v in checked]
+    for pos, pair in enumerate(pairs):
+        if type(pair) is not tuple or len(pair) != 2:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise InvalidValueError(
+                    f"put_many takes (key, value) pairs, got {type(pair).__name__} {pair!r:.60}"
+                )
+            pair = pairs[pos] = tuple(pair)
+        key, value = pair
+        if not (
+            type(key) is str and key.isascii() and 0 < len(key) <= MAX_KEY_BYTES and "\x00" not in key
+        ):
+            key = check_key(key)
+            pairs[pos] = pair = (key, value)
+        if type(value) is not bytes:
+            pairs[pos] = (key, check_value(key, value))
+    return pairs
 
 
 def check_read(key: str, chunk: object) -> bytes:

@@ -43,7 +43,7 @@ from piecestore.table import (
     TOMBSTONE,
     VALUE,
     BuiltTable,
-    build_table,
+    build_sorted,
     checksum,
     decode_external,
     decode_keys,
@@ -133,8 +133,9 @@ class PieceStore:
         key = check_key(key)
         data = check_value(key, value)
         self._check_writable()
-        record, info = self._prepare(key, data)
-        self._committer.submit({key: record}, wait=self._must_wait())
+        records: dict[str, Record] = {}
+        info = self._prepare(key, data, records)
+        self._committer.submit(records, wait=self._must_wait())
         return info
 
     def put_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[PieceInfo]:
@@ -142,10 +143,8 @@ class PieceStore:
         values = check_items(items)
         self._check_writable()
         records: dict[str, Record] = {}
-        infos: list[PieceInfo] = []
-        for key, data in values:
-            records[key], info = self._prepare(key, data)
-            infos.append(info)
+        prepare = self._prepare
+        infos = [prepare(key, data, records) for key, data in values]
         if records:
             self._committer.submit(records, wait=self._must_wait(), urgent=True)
         return infos
@@ -187,15 +186,19 @@ class PieceStore:
                 raise ReadOnlyError(f"cannot write: {self._writable_reason}")
             raise UnsupportedError(f"cannot write: {self._writable_reason}")
 
-    def _prepare(self, key: str, data: bytes | BinaryIO) -> tuple[Record, PieceInfo]:
+    def _prepare(self, key: str, data: bytes | BinaryIO, into: dict[str, Record]) -> PieceInfo:
+        """Put the piece's record in ``into`` (a large piece is uploaded first); its PieceInfo."""
         limit = self.settings.engine.small_piece_max_bytes
         if isinstance(data, bytes) and len(data) <= limit:
-            return (VALUE, data), PieceInfo(key, len(data), checksum(data))
+            into[key] = (VALUE, data)
+            return PieceInfo(key, len(data), checksum(data))
         stream = io.BytesIO(data) if isinstance(data, bytes) else data
         head = check_read(key, stream.read(limit + 1))
         if len(head) <= limit:
-            return (VALUE, head), PieceInfo(key, len(head), checksum(head))
-        return self._write_external(key, head, stream)
+            into[key] = (VALUE, head)
+            return PieceInfo(key, len(head), checksum(head))
+        into[key], info = self._write_external(key, head, stream)
+        return info
 
     def _write_external(self, key: str, head: bytes, stream: BinaryIO) -> tuple[Record, PieceInfo]:
         """Stream a large piece to its own object, checksumming each chunk on the way."""
@@ -208,16 +211,16 @@ class PieceStore:
     def _prepare_batch(self, records: dict[str, Record]) -> _Uploaded:
         """Build table files from a batch and upload them; the committer makes them durable."""
         target = self.settings.engine.table_target_bytes
-        groups: list[list[tuple[str, int, bytes]]] = [[]]
+        groups: list[list[str]] = [[]]
         size = 0
         for key in sorted(records):
-            kind, payload = records[key]
+            payload = records[key][1]
             if size > 0 and size + len(payload) > target:
                 groups.append([])
                 size = 0
-            groups[-1].append((key, kind, payload))
+            groups[-1].append(key)
             size += len(payload) + len(key)
-        built = [build_table(g, checked=True) for g in groups]  # keys and values checked on put
+        built = [build_sorted(keys, records) for keys in groups]  # keys and values checked on put
         list(self._write_pool.map(self._upload, built))
         return _Uploaded(built, [self.tables.add_built(t) for t in built], time.monotonic())
 

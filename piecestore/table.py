@@ -35,7 +35,7 @@ import math
 import re
 import secrets
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,42 +109,49 @@ class BuiltTable:
 def build_table(records: Iterable[tuple[str, int, bytes]], *, checked: bool = False) -> BuiltTable:
     """Pack (key, kind, payload) records into one table file; on duplicate keys the last wins.
 
-    Per record, Python does a dict insert, packs a 20-byte header and runs one checksum; the
-    index is built with numpy, and the values are copied once, by the final join. ``checked``
-    skips validating keys, kinds and payloads that the caller has already validated.
+    ``checked`` skips validating keys, kinds and payloads that the caller has already validated.
     """
-    latest: dict[bytes, tuple[str, int, Bytes]]
-    if checked:
-        latest = {key.encode("utf-8"): (key, kind, payload) for key, kind, payload in records}
-    else:
-        latest = _validated(records)
-    keys = sorted(latest)  # UTF-8 byte order, which is also str (code point) order
-    # One pass builds each record's bytes but the payload (header + key, checksum first) and
-    # leaves the payload itself uncopied: the only copy of the values is the final join.
+    latest = {key: (kind, payload) for key, kind, payload in records} if checked else _validated(records)
+    return build_sorted(sorted(latest), latest)
+
+
+def build_sorted(keys: Sequence[str], records: Mapping[str, tuple[int, Bytes]]) -> BuiltTable:
+    """Pack ``records[key]`` (kind, payload) for each of ``keys``: sorted, unique, validated.
+
+    Str order is code point order, which is also UTF-8 byte order. Per record Python packs a
+    20-byte header and runs one checksum, creating no container objects (so a big batch
+    does not set off the cyclic GC); the index is built with numpy, and the values are
+    copied once, by the final join.
+    """
+    # Each record's bytes but the payload (header + key, checksum first) are built here; the
+    # payload itself is left uncopied until the join.
     parts: list[Bytes] = []
     add = parts.append
     pack_rest, pack_u64, stream = _HEADER_REST.pack, _U64.pack, xxhash.xxh3_64
     kinds_l: list[int] = []
     value_lens_l: list[int] = []
     hashes_l: list[int] = []
+    encoded: list[bytes] = []
     hash_key = key_hash  # looked up per build, so a monkeypatched key_hash is honoured
-    for kb in keys:
-        key, kind, value = latest[kb]
+    for key in keys:
+        kind, value = records[key]
+        kb = key.encode("utf-8")
         size = value.nbytes if isinstance(value, memoryview) else len(value)
         rest = pack_rest(kind, 0, len(kb), size) + kb
         h = stream(rest)
         h.update(value)
         add(pack_u64(h.intdigest()) + rest)
         add(value)
+        encoded.append(kb)
         kinds_l.append(kind)
         value_lens_l.append(size)
         hashes_l.append(hash_key(key))
-    return _finish_table(keys, parts, kinds_l, value_lens_l, hashes_l)
+    return _finish_table(encoded, parts, kinds_l, value_lens_l, hashes_l)
 
 
-def _validated(records: Iterable[tuple[str, int, Bytes]]) -> dict[bytes, tuple[str, int, Bytes]]:
-    """build_table's records by UTF-8 key (the last of a key wins), each checked or refused."""
-    latest: dict[bytes, tuple[str, int, Bytes]] = {}
+def _validated(records: Iterable[tuple[str, int, Bytes]]) -> dict[str, tuple[int, Bytes]]:
+    """build_table's records by key (the last of a key wins), each checked or refused."""
+    latest: dict[str, tuple[int, Bytes]] = {}
     for key, kind, payload in records:
         try:
             kb = key.encode("utf-8")
@@ -169,7 +176,7 @@ def _validated(records: Iterable[tuple[str, int, Bytes]]) -> dict[bytes, tuple[s
                 decode_external(payload)
             except CorruptionError as e:
                 raise ValueError(f"external record for key {key[:60]!r}: {e}") from None
-        latest[kb] = (key, kind, payload)
+        latest[key] = (kind, payload)
     return latest
 
 

@@ -66,6 +66,15 @@ def test_put_many_get_many(store: PieceStore) -> None:
     assert store.get_many(["k/00001", "nope"], missing="skip") == {"k/00001": items["k/00001"]}
     store.put_many([("pair/1", b"x"), ("pair/2", bytearray(b"y"))])
     assert store.get_many(["pair/1", "pair/2"]) == {"pair/1": b"x", "pair/2": b"y"}
+    # lists as pairs, non-ASCII keys, views of a caller's buffer that changes afterwards
+    buffer = bytearray(b"mv")
+    infos = store.put_many([["pair/3", memoryview(buffer)], ("pair/é", b"u"), ("pair/3", b"last")])
+    buffer[:] = b"XX"
+    assert [i.key for i in infos] == ["pair/3", "pair/é", "pair/3"]
+    assert store.get_many(["pair/3", "pair/é"]) == {"pair/3": b"last", "pair/é": b"u"}
+    store.put_many([["pair/4", memoryview(buffer)]])
+    buffer[:] = b"YY"
+    assert store.get("pair/4") == b"XX"
 
 
 def test_overwrite_newest_wins_across_tables(store: PieceStore) -> None:

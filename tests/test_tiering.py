@@ -20,7 +20,7 @@ def pick(sizes: list[int], *, min_tables: int = 8, max_tables: int = 256) -> tup
 
 
 def test_small_means_under_half_a_flush() -> None:
-    assert SMALL == 8 * MiB
+    assert small_table_bytes(TARGET, 16 * MiB) == 8 * MiB
     assert small_table_bytes(64 * MiB, 1 << 30) == 16 * MiB  # and never above a quarter of the target
 
 
@@ -55,7 +55,9 @@ def test_beyond_the_cap_the_smallest_adjacent_run_is_conjoined() -> None:
     min_tables=st.integers(2, 9),
     max_tables=st.integers(2, 40),
 )
-def test_compacting_until_nothing_is_picked_terminates(sizes: list[int], min_tables: int, max_tables: int) -> None:
+def test_compacting_until_nothing_is_picked_terminates(
+    sizes: list[int], min_tables: int, max_tables: int
+) -> None:
     """Every pick is a valid window and its merge lowers the table count, so it ends."""
     tables = list(sizes)
     for _ in range(len(sizes) + 1):
