@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
@@ -221,16 +221,16 @@ class PieceStore:
             groups[-1].append(key)
             size += len(payload) + len(key)
         built = [build_sorted(keys, records) for keys in groups]  # keys and values checked on put
-        list(self._write_pool.map(self._upload, built))
-        return _Uploaded(built, [self.tables.add_built(t) for t in built], time.monotonic())
+        # The committer waits for the uploads: the flusher goes on to build the next batch.
+        started = time.monotonic()
+        uploads = [self._write_pool.submit(self._upload, t) for t in built]
+        return _Uploaded(built, [self.tables.add_built(t) for t in built], uploads, started)
 
     def _commit_batches(self, batches: list[_Uploaded]) -> None:
-        """Commit the tables of several uploaded batches (oldest first) with one manifest CAS."""
-        # GC deletes unreferenced tables older than the grace period; a writer that stalled
-        # that long between upload and commit uploads again rather than commit a dangling name.
-        for batch in batches:
-            if time.monotonic() - batch.uploaded_at > self.settings.gc.grace_seconds / 2:
-                list(self._write_pool.map(self._upload, batch.built))
+        """Commit the tables of several batches (oldest first) with one manifest CAS.
+
+        A failed upload fails every batch of the call: none of them is acknowledged.
+        """
         newest_first = tuple(spec for batch in reversed(batches) for spec in batch.specs)
 
         def add_tables(m: Manifest) -> Manifest:
@@ -238,6 +238,14 @@ class PieceStore:
             return dataclasses.replace(m, tables=newest_first + m.tables)
 
         try:
+            for batch in batches:
+                for upload in batch.uploads:
+                    upload.result()
+                # GC deletes unreferenced tables older than the grace period; a writer that
+                # stalled that long before its commit uploads again rather than commit a
+                # dangling name.
+                if time.monotonic() - batch.uploaded_at > self.settings.gc.grace_seconds / 2:
+                    list(self._write_pool.map(self._upload, batch.built))
             self._commit(add_tables)
         except BaseException:
             self.tables.discard(spec.name for spec in newest_first)
@@ -663,11 +671,12 @@ class PieceStore:
 
 @dataclass(frozen=True, slots=True)
 class _Uploaded:
-    """A batch's table files, uploaded and waiting to be committed."""
+    """A batch's table files, uploading or uploaded, waiting to be committed."""
 
     built: list[BuiltTable]
     specs: list[TableSpec]  # their manifest entries, in the same order
-    uploaded_at: float  # monotonic
+    uploads: list[Future[None]]  # one per table; the committer waits for them
+    uploaded_at: float  # monotonic, when the uploads started (so never later than they ended)
 
 
 class _StaleView(Exception):
