@@ -180,33 +180,59 @@ def _validated(records: Iterable[tuple[str, int, Bytes]]) -> dict[str, tuple[int
     return latest
 
 
-RawRecord = tuple[bytes, Bytes, int, int, int]
-"""One whole stored record for :func:`copy_table`: (UTF-8 key, its bytes, kind, value length, key hash)."""
+@dataclass(frozen=True)
+class RawRecords:
+    """Whole stored records to copy verbatim (compaction), as columns: one entry per record."""
+
+    keys: list[bytes]  # UTF-8 keys
+    records: list[Bytes]  # each record's whole bytes, checksum first
+    kinds: NDArray[np.uint8]
+    value_lens: NDArray[np.uint64]
+    hashes: NDArray[np.uint64]  # key hashes, from the source index
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def slice(self, start: int, stop: int) -> RawRecords:
+        return RawRecords(
+            self.keys[start:stop], self.records[start:stop], self.kinds[start:stop],
+            self.value_lens[start:stop], self.hashes[start:stop],
+        )  # fmt: skip
+
+    @staticmethod
+    def concat(parts: Sequence[RawRecords]) -> RawRecords:
+        if len(parts) == 1:
+            return parts[0]
+        return RawRecords(
+            [k for p in parts for k in p.keys], [r for p in parts for r in p.records],
+            np.concatenate([p.kinds for p in parts]), np.concatenate([p.value_lens for p in parts]),
+            np.concatenate([p.hashes for p in parts]),
+        )  # fmt: skip
 
 
-def copy_table(records: Iterable[RawRecord]) -> BuiltTable:
+def copy_table(records: RawRecords) -> BuiltTable:
     """Pack records copied verbatim from other tables (compaction) into one new table file.
 
     Each record keeps its bytes and checksum, and its key hash comes from the source index,
     so no record is re-encoded or re-hashed: per record Python only sorts and gathers.
     Keys must be unique; the caller has verified each record against its source.
     """
-    ordered = sorted(records, key=_raw_key)
-    keys = [r[0] for r in ordered]
-    if len(set(keys)) != len(keys):
+    keys = records.keys
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    sorted_keys = [keys[i] for i in order]
+    if len(set(sorted_keys)) != len(sorted_keys):
         raise ValueError("copy_table got the same key twice; compaction keeps one live record per key")
-    parts: list[Bytes] = [r[1] for r in ordered]
-    kinds = [r[2] for r in ordered]
-    value_lens = [r[3] for r in ordered]
-    return _finish_table(keys, parts, kinds, value_lens, [r[4] for r in ordered])
-
-
-def _raw_key(record: RawRecord) -> bytes:
-    return record[0]
+    parts = [records.records[i] for i in order]
+    at = np.asarray(order, dtype=np.int64)
+    return _finish_table(sorted_keys, parts, records.kinds[at], records.value_lens[at], records.hashes[at])
 
 
 def _finish_table(
-    keys: list[bytes], parts: list[Bytes], kinds_l: list[int], value_lens_l: list[int], hashes_l: list[int]
+    keys: list[bytes],
+    parts: list[Bytes],
+    kinds_l: Sequence[int] | NDArray[Any],
+    value_lens_l: Sequence[int] | NDArray[Any],
+    hashes_l: Sequence[int] | NDArray[Any],
 ) -> BuiltTable:
     """Key block, index and footer after the records (``parts``, in key order), and the name."""
     n = len(keys)
