@@ -34,6 +34,7 @@ from piecestore.backends import ObjectMeta
 from piecestore.errors import CorruptionError, NotFoundError, PieceStoreError
 from piecestore.lease import Clock, Lease, server_clock
 from piecestore.manifest import BLOBS_PREFIX, TABLES_PREFIX, Manifest, TableSpec
+from piecestore.pacing import Pacer
 from piecestore.table import (
     EXTERNAL,
     RECORD_HEADER,
@@ -130,6 +131,7 @@ class GCReport:
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    paused_seconds: float = 0.0  # of ``seconds``, spent yielding to this process's writers
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,8 +139,9 @@ class GCReport:
     def __str__(self) -> str:
         mode = "dry run (nothing changed; pass --delete to act)" if self.dry_run else "done"
         b, a = self.before, self.after
+        paused = f" ({self.paused_seconds:.2f}s of it yielding to writers)" if self.paused_seconds else ""
         lines = [
-            f"GC {mode} in {self.seconds:.2f}s",
+            f"GC {mode} in {self.seconds:.2f}s{paused}",
             f"  tables        {b.tables} -> {a.tables} ({b.table_bytes:,} -> {a.table_bytes:,} bytes)",
             f"  live          {b.live_pieces:,} pieces, {b.live_bytes:,} bytes",
             f"  dead          {b.dead_records:,} records, {b.dead_bytes:,} bytes -> {a.dead_bytes:,} bytes",
@@ -442,7 +445,9 @@ class GarbageCollector:
             # Many small tables are fetched well ahead (latency-bound); big ones one ahead, so
             # a compaction does not crowd out the writers sharing the store.
             fetches = _Prefetch(reads, self.backend, [a.spec for a in run], PREFETCH_BYTES)
+            pacer = Pacer(self.store.settings.gc.share_while_writing)
             for a in run:
+                pacer.step()
                 live = live_records(a, fetches.next(), includes_oldest, dead_blobs)
                 # An output table is cut after the record that brings it to the target size.
                 key_lens = np.fromiter(map(len, live.keys), np.int64, len(live))
@@ -459,6 +464,7 @@ class GarbageCollector:
                     taken = cut
                     emit()
             emit()
+            report.paused_seconds += pacer.paused
             for upload in uploads:
                 upload.result()
         except BaseException:  # nothing of this run will be committed

@@ -349,6 +349,12 @@ class GcSettings(_Group):
     lease_seconds: float = Field(
         default=60.0, gt=0, le=86400, description="GC/compaction lease; a crashed holder loses it after this"
     )
+    share_while_writing: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="while this process writes, GC and compaction work this share of the time (1: no pause)",
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from piecestore.errors import (
 from piecestore.groupcommit import GroupCommitter, Record
 from piecestore.keys import check_items, check_key, check_keys, check_read, check_value
 from piecestore.manifest import BLOBS_PREFIX, Manifest, ManifestStore, ManifestView, TableSpec
+from piecestore.pacing import foreground_write
 from piecestore.table import (
     EXTERNAL,
     TOMBSTONE,
@@ -135,7 +136,8 @@ class PieceStore:
         self._check_writable()
         records: dict[str, Record] = {}
         info = self._prepare(key, data, records)
-        self._committer.submit(records, wait=self._must_wait())
+        with foreground_write():
+            self._committer.submit(records, wait=self._must_wait())
         return info
 
     def put_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[PieceInfo]:
@@ -146,7 +148,8 @@ class PieceStore:
         prepare = self._prepare
         infos = [prepare(key, data, records) for key, data in values]
         if records:
-            self._committer.submit(records, wait=self._must_wait(), urgent=True)
+            with foreground_write():
+                self._committer.submit(records, wait=self._must_wait(), urgent=True)
         return infos
 
     def delete(self, key: str) -> None:
@@ -158,7 +161,8 @@ class PieceStore:
         self._check_writable()
         if checked:
             records: dict[str, Record] = {k: (TOMBSTONE, b"") for k in checked}
-            self._committer.submit(records, wait=self._must_wait(), urgent=True)
+            with foreground_write():
+                self._committer.submit(records, wait=self._must_wait(), urgent=True)
 
     def flush(self) -> None:
         """Everything put so far is durable when this returns."""
