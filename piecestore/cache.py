@@ -1,4 +1,4 @@
-"""A byte-bounded LRU of hot piece values, keyed by (table, record) so it never goes stale.
+"""A byte-bounded LRU of hot piece values, keyed by (table, record, key) so it never goes stale.
 
 Tables are immutable, so an entry can only become unreachable, never wrong.
 """

@@ -326,39 +326,32 @@ class PieceStore:
         if interval >= 0 and time.monotonic() - self._view.read_at > interval:
             self.refresh()
 
-    def _locate(self, key: str) -> _Location | None:
-        for spec, index in self.tables.snapshot():
-            positions = index.find(key)
-            if positions:
-                if len(positions) == 1:
-                    return _Location(spec, index, positions[0])
-                for pos in positions:  # 64-bit hash collision: compare the stored keys
-                    if self._read_record(_Location(spec, index, pos), None)[0] == key:
-                        return _Location(spec, index, pos)
-        return None
-
-    def _read_record(self, loc: _Location, key: str | None) -> tuple[str, int, bytes]:
-        cache_key = (loc.spec.name, loc.pos)
+    def _read_at(self, loc: _Location, key: str) -> Record | None:
+        """(kind, payload) of the record at ``loc`` if it holds ``key``; None if it holds another
+        key with the same 64-bit hash (then older tables may still hold ``key``)."""
+        cache_key = (loc.spec.name, loc.pos, key)
         cached = self.cache.get(cache_key)
-        if cached is not None and key is not None:
-            return key, VALUE, cached
+        if cached is not None:
+            return VALUE, cached
         off, length = record_span(loc.index, loc.pos)
         name = loc.spec.name
         blob = self.disk_cache.get(name, off, length) if self.disk_cache is not None else None
         if blob is not None:
             try:
-                found_key, kind, payload = decode_record(name, blob, expect_key=key)
+                found_key, kind, payload = decode_record(name, blob)
             except CorruptionError:  # a damaged cache file: forget it, read the store
                 self.disk_cache.drop(name, off, length)  # type: ignore[union-attr]
                 blob = None
         if blob is None:
             blob = self.backend.get(table_object(name), offset=off, length=length)
-            found_key, kind, payload = decode_record(name, blob, expect_key=key)
+            found_key, kind, payload = decode_record(name, blob)
             if self.disk_cache is not None:
                 self.disk_cache.put(name, off, length, blob)
+        if found_key != key:
+            return None
         if kind == VALUE:
             self.cache.put(cache_key, payload)
-        return found_key, kind, payload
+        return kind, payload
 
     def _resolve(self, key: str) -> tuple[int, bytes, _Location | None]:
         """(kind, payload, location) of the newest record of key; NotFoundError if none."""
@@ -367,12 +360,14 @@ class PieceStore:
             return pending[0], pending[1], None
         self._maybe_refresh()
         for attempt in range(2):
-            loc = self._locate(key)
-            if loc is None:
-                break
             try:
-                _, kind, payload = self._read_record(loc, key)
-                return kind, payload, loc
+                for spec, index in self.tables.snapshot():
+                    for pos in index.find(key):
+                        loc = _Location(spec, index, pos)
+                        found = self._read_at(loc, key)
+                        if found is not None:
+                            return found[0], found[1], loc
+                break
             except NotFoundError:
                 if attempt:
                     raise
@@ -469,13 +464,26 @@ class PieceStore:
                 hits.extend((todo[i], int(p)) for p in index.positions[start:end])
             by_table.append((spec, index, hits))
             remaining = remaining[~found]
-        results = self._read_pool.map(self._fetch_table_records, by_table)
-        for table_result in results:
+        resolved: set[str] = set()
+        for table_result in self._read_pool.map(self._fetch_table_records, by_table):
+            resolved.update(table_result)
             for key, (kind, payload) in table_result.items():
                 if kind == VALUE:
                     out[key] = payload
                 elif kind == EXTERNAL:
                     externals[key] = payload
+        # A key whose hash matched a record of another key (a 64-bit collision) may still be in
+        # an older table: look it up alone.
+        for key in (k for _, _, hits in by_table for k, _ in hits if k not in resolved):
+            try:
+                kind, payload, _ = self._resolve(key)
+            except NotFoundError:
+                continue
+            resolved.add(key)
+            if kind == VALUE:
+                out[key] = payload
+            elif kind == EXTERNAL:
+                externals[key] = payload
         if externals:
             fetched = self._read_pool.map(
                 lambda kv: (kv[0], self._read_external(kv[0], kv[1], 0, None)), externals.items()
@@ -498,7 +506,7 @@ class PieceStore:
         result: dict[str, Record] = {}
         need: list[tuple[str, int]] = []
         for key, pos in hits:
-            cached = self.cache.get((spec.name, pos))
+            cached = self.cache.get((spec.name, pos, key))
             if cached is None and self.disk_cache is not None:
                 off, length = record_span(index, pos)
                 raw = self.disk_cache.get(spec.name, off, length)
@@ -533,7 +541,7 @@ class PieceStore:
                 continue  # hash collision with another key in this table
             result[key] = (kind, payload)
             if kind == VALUE:
-                self.cache.put((spec.name, pos), payload)
+                self.cache.put((spec.name, pos, key), payload)
         return result
 
     def head(self, key: str) -> PieceInfo:
@@ -584,7 +592,10 @@ class PieceStore:
             if kind == TOMBSTONE:
                 continue
             if kind == EXTERNAL:
-                _, _, payload = self._read_record(_Location(spec, index, pos), key)
+                found = self._read_at(_Location(spec, index, pos), key)
+                if found is None:
+                    raise CorruptionError(f"table {spec.name}: record {pos} does not hold {key[:80]!r}")
+                payload = found[1]
                 yield PieceInfo(key, decode_external(payload).size, None, spec.name, external=True)
             else:
                 yield PieceInfo(key, index.value_size(pos), None, spec.name)

@@ -273,3 +273,34 @@ def test_backend_without_conditional_writes_is_refused_for_writing() -> None:
             s.delete("k")
         assert list(s.list()) == []  # reads still work
     assert [m.name for m in backend.list()] == ["tables/x"]  # nothing was written
+
+
+def test_keys_whose_64_bit_hashes_collide(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newer table holding another key of the same hash must not hide (or be returned for) a key."""
+    import piecestore.store as store_mod
+    import piecestore.table as table_mod
+
+    real = table_mod.key_hash
+
+    def colliding(key: str) -> int:
+        return 4242 if key.startswith("c/") else real(key)
+
+    monkeypatch.setattr(table_mod, "key_hash", colliding)
+    monkeypatch.setattr(store_mod, "key_hash", colliding)
+    with piecestore.open(f"file://{tmp_path}", gc_auto_compact=False) as s:
+        s.put("c/old", b"old table")
+        s.put_many({"c/new": b"new table", "c/twin": b"same table"})
+        assert len(s.manifest.tables) == 2
+        for _ in range(2):  # the second round reads through the piece cache
+            assert s.get("c/old") == b"old table"
+            assert s.get("c/new") == b"new table" and s.get("c/twin") == b"same table"
+            assert s.get_many(["c/twin", "c/old", "c/new"]) == {
+                "c/old": b"old table", "c/new": b"new table", "c/twin": b"same table"
+            }
+        with pytest.raises(NotFoundError):
+            s.get("c/absent")
+        assert s.get_many(["c/absent", "c/old"], missing="skip") == {"c/old": b"old table"}
+        assert not s.exists("c/absent")
+        s.delete("c/old")
+        assert s.get_many(["c/old", "c/new"], missing="skip") == {"c/new": b"new table"}
+        assert [p.key for p in s.list("c/")] == ["c/new", "c/twin"]
