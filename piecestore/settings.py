@@ -266,10 +266,10 @@ class S3Settings(_Group):
     read_timeout: float = Field(default=30.0, gt=0, le=3600, description="seconds to wait for a response")
     concurrency: int = Field(default=16, ge=1, le=1024, description="parallel requests per store")
     multipart_threshold: Bytes = Field(
-        default=8 * MiB,
+        default=32 * MiB,
         ge=5 * MiB,
         le=5 * GiB,
-        description="objects from this size upload in parts (S3 parts are >= 5 MiB)",
+        description="objects above this size upload in parts of 8 MiB (or this size, if smaller)",
     )
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from piecestore.backends import Backend, IfMatch, open_backend
 from piecestore.backends.retry import Retryable
-from piecestore.backends.s3 import S3Backend, sorted_walk
+from piecestore.backends.s3 import PART_BYTES, S3Backend, sorted_walk, split_upload
 from piecestore.backends.s3errors import ErrorContext
 from piecestore.errors import (
     AlreadyExistsError,
@@ -260,6 +260,37 @@ def test_large_conditional_writes_use_multipart_and_stay_atomic(
         updated = b.put("big", bytearray(second), mode=IfMatch(meta.etag))
         assert b.head("big").etag == updated.etag and b.get("big") == second
         assert list(b.list("big-upload")) == []  # failed uploads were aborted, nothing left over
+
+
+class _Trickle(io.RawIOBase):
+    """A file object that returns at most 1 MiB per read, as sockets and pipes may."""
+
+    def __init__(self, data: bytes) -> None:
+        self._inner = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        return self._inner.read(min(n, 1 << 20) if n >= 0 else 1 << 20)
+
+
+@pytest.mark.parametrize("threshold_mib", [5, 8, 20, 32])
+@pytest.mark.parametrize("extra", [-1, 0, 1, 9 * 1024 * 1024 + 3])
+def test_split_upload_parts_are_full_but_the_last(threshold_mib: int, extra: int) -> None:
+    mib = 1024 * 1024
+    threshold = threshold_mib * mib
+    data = os.urandom(threshold + extra)
+    for source in (memoryview(data), io.BytesIO(data), _Trickle(data)):
+        body, parts = split_upload(source, threshold)  # type: ignore[arg-type]
+        if len(data) <= threshold:
+            assert body == data and list(parts) == []
+            continue
+        assert body is None
+        chunks = list(parts)
+        assert b"".join(chunks) == data
+        base = min(threshold, PART_BYTES)
+        assert all(len(c) == base for c in chunks[:-1]) and 0 < len(chunks[-1]) <= base
 
 
 def test_sorted_listing_with_tricky_names(store: Backend) -> None:

@@ -69,7 +69,7 @@ def test_defaults() -> None:
     assert s.store.url == "" and s.store.create is True and s.store.read_only is False
     assert s.sharding.shards == 0 and s.sharding.targets == [] and s.sharding.weights == []
     assert s.s3.access_key is None and s.s3.addressing == "auto" and s.s3.tls_verify is True
-    assert s.s3.multipart_threshold == 8 * 1024 * 1024
+    assert s.s3.multipart_threshold == 32 * 1024 * 1024
     assert (s.retry.max_retries, s.retry.min_retry_delay, s.retry.max_retry_delay, s.retry.deadline) == (
         5,
         0.05,
