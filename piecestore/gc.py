@@ -405,7 +405,7 @@ class GarbageCollector:
                 continue
             includes_oldest = run[-1].spec.name == oldest
             try:
-                self._rewrite(run, includes_oldest, report)
+                self._rewrite(run, includes_oldest, report, renew=lease.renew)
             except PieceStoreError as e:
                 report.skipped += len(run)
                 report.skipped_reasons.append(f"compaction of {len(run)} tables: {e}")
@@ -413,8 +413,18 @@ class GarbageCollector:
             self.progress("compact", done, total)
             lease.renew()
 
-    def _rewrite(self, run: list[TableAnalysis], includes_oldest: bool, report: GCReport) -> None:
+    def _rewrite(
+        self,
+        run: list[TableAnalysis],
+        includes_oldest: bool,
+        report: GCReport,
+        *,
+        renew: Callable[[], None] | None = None,
+    ) -> None:
         """Stream the run's live records into new tables of the target size, then swap them in.
+
+        ``renew`` (the GC lease's) is called every third of the lease, since a long run, or one
+        slowed down to yield to writers, may outlast the lease itself.
 
         Memory stays bounded (one input table, one output group, a few uploads in flight)
         however long the run; the next input is fetched and outputs are uploaded while the
@@ -446,8 +456,12 @@ class GarbageCollector:
             # a compaction does not crowd out the writers sharing the store.
             fetches = _Prefetch(reads, self.backend, [a.spec for a in run], PREFETCH_BYTES)
             pacer = Pacer(self.store.settings.gc.share_while_writing)
+            renewed = time.monotonic()
             for a in run:
                 pacer.step()
+                if renew is not None and time.monotonic() - renewed > self.lease_seconds / 3:
+                    renew()
+                    renewed = time.monotonic()
                 live = live_records(a, fetches.next(), includes_oldest, dead_blobs)
                 # An output table is cut after the record that brings it to the target size.
                 key_lens = np.fromiter(map(len, live.keys), np.int64, len(live))

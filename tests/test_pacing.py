@@ -107,3 +107,35 @@ def test_gc_beside_writes_in_this_process_yields_and_loses_nothing(tmp_path: Any
         }
         assert len(store.get_many([f"w/{n}/{i}" for n in written for i in range(50)])) == 50 * len(written)
         assert store.fsck().ok
+
+
+def test_a_long_compaction_run_keeps_its_lease(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run slower than the lease (big, or yielding to writers) renews it as it goes."""
+    from piecestore import gc as gc_mod
+    from piecestore.lease import GCBusyError, Lease, server_clock
+
+    url = f"file://{tmp_path}"
+    opts: dict[str, Any] = {"gc_auto_compact": False, "gc_grace_seconds": 0, "gc_lease_seconds": 0.6}
+    with piecestore.open(url, **opts) as store:
+        for r in range(6):
+            store.put_many({f"k/{r}/{i}": b"v" * 40 for i in range(100)})
+        real_live = gc_mod.live_records
+        rivals: list[str] = []
+
+        def slow_live(*args: Any) -> Any:
+            time.sleep(0.25)  # six tables: 1.5 s, well past the 0.6 s lease
+            rival = Lease(store.backend, 0.6, server_clock(store.backend))
+            try:
+                rival.acquire()  # another GC must find the lease held all along
+            except GCBusyError:
+                rivals.append("busy")
+            else:
+                rivals.append("acquired")
+                rival.release()
+            return real_live(*args)
+
+        monkeypatch.setattr(gc_mod, "live_records", slow_live)
+        report = store.gc()
+        assert rivals and set(rivals) == {"busy"}, rivals
+        assert report.written_tables > 0 and not report.skipped, report.skipped_reasons
+        assert len(store.get_many([f"k/{r}/{i}" for r in range(6) for i in range(100)])) == 600
