@@ -372,7 +372,14 @@ class GarbageCollector:
             start, stop = picked
             report.compacted_tables = stop - start
             run = tables[start:stop]
-            self._rewrite(analyze(self.store, run, concurrent=True), stop == len(tables), report)
+            # Paced only while it keeps up: past twice the trigger, the merge runs flat out.
+            piling_up = 2 * self.store.settings.gc.compact_min_tables
+
+            def behind() -> bool:
+                return len(self.store.manifest.tables) >= piling_up
+
+            analysis = analyze(self.store, run, concurrent=True)
+            self._rewrite(analysis, stop == len(tables), report, behind=behind)
         report.seconds = time.monotonic() - started
         return report
 
@@ -420,11 +427,12 @@ class GarbageCollector:
         report: GCReport,
         *,
         renew: Callable[[], None] | None = None,
+        behind: Callable[[], bool] | None = None,
     ) -> None:
         """Stream the run's live records into new tables of the target size, then swap them in.
 
         ``renew`` (the GC lease's) is called every third of the lease, since a long run, or one
-        slowed down to yield to writers, may outlast the lease itself.
+        slowed down to yield to writers, may outlast the lease itself. ``behind``: see Pacer.
 
         Memory stays bounded (one input table, one output group, a few uploads in flight)
         however long the run; the next input is fetched and outputs are uploaded while the
@@ -455,7 +463,7 @@ class GarbageCollector:
             # Many small tables are fetched well ahead (latency-bound); big ones one ahead, so
             # a compaction does not crowd out the writers sharing the store.
             fetches = _Prefetch(reads, self.backend, [a.spec for a in run], PREFETCH_BYTES)
-            pacer = Pacer(self.store.settings.gc.share_while_writing)
+            pacer = Pacer(self.store.settings.gc.share_while_writing, behind)
             renewed = time.monotonic()
             for a in run:
                 pacer.step()

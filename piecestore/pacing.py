@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 RECENT_SECONDS = 0.05  # writers that finished this recently are still active (between calls)
 MAX_PAUSE_SECONDS = 1.0  # one pause is never longer: a stalled GC would hold its lease idle
@@ -41,19 +41,25 @@ def writers_active() -> bool:
 
 
 class Pacer:
-    """Call :meth:`step` between units of background work; it pauses while writers are active."""
+    """Call :meth:`step` between units of background work; it pauses while writers are active.
 
-    def __init__(self, share: float) -> None:
+    ``behind`` tells when the work is falling behind the writers (background compaction with
+    tables piling up): then it runs flat out, since a paced merge that never catches up would
+    let the table count grow without bound.
+    """
+
+    def __init__(self, share: float, behind: Callable[[], bool] | None = None) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], got {share!r}")
         self.share = share
+        self._behind = behind
         self.paused = 0.0  # seconds spent pausing, for reports and tests
         self._mark = time.monotonic()
 
     def step(self) -> None:
         now = time.monotonic()
         worked = now - self._mark
-        if self.share < 1 and writers_active():
+        if self.share < 1 and writers_active() and not (self._behind is not None and self._behind()):
             pause = min(worked * (1 / self.share - 1), MAX_PAUSE_SECONDS)
             time.sleep(pause)
             self.paused += pause

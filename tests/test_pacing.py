@@ -76,6 +76,19 @@ def test_one_pause_is_bounded_and_share_one_never_pauses(clock: list[float]) -> 
         Pacer(0)
 
 
+def test_work_that_falls_behind_runs_flat_out(clock: list[float]) -> None:
+    backlog = [True]
+    pacer = Pacer(0.1, lambda: backlog[0])
+    with pacing.foreground_write():
+        clock[0] += 0.05
+        pacer.step()
+        assert pacer.paused == 0  # tables are piling up: no pause
+        backlog[0] = False
+        clock[0] += 0.05
+        pacer.step()
+    assert pacer.paused == pytest.approx(0.45)
+
+
 def test_gc_beside_writes_in_this_process_yields_and_loses_nothing(tmp_path: Any) -> None:
     url = f"file://{tmp_path}"
     opts: dict[str, Any] = {"gc_auto_compact": False, "gc_grace_seconds": 0, "gc_share_while_writing": 0.5}
