@@ -329,28 +329,41 @@ class PieceStore:
     def _read_at(self, loc: _Location, key: str) -> Record | None:
         """(kind, payload) of the record at ``loc`` if it holds ``key``; None if it holds another
         key with the same 64-bit hash (then older tables may still hold ``key``)."""
-        cache_key = (loc.spec.name, loc.pos, key)
-        cached = self.cache.get(cache_key)
+        name = loc.spec.name
+        cached = self.cache.get((name, loc.pos, key))
         if cached is not None:
             return VALUE, cached
         off, length = record_span(loc.index, loc.pos)
-        name = loc.spec.name
-        blob = self.disk_cache.get(name, off, length) if self.disk_cache is not None else None
-        if blob is not None:
-            try:
-                found_key, kind, payload = decode_record(name, blob)
-            except CorruptionError:  # a damaged cache file: forget it, read the store
-                self.disk_cache.drop(name, off, length)  # type: ignore[union-attr]
-                blob = None
-        if blob is None:
+        decoded = self._disk_cached(name, off, length)
+        if decoded is None:
             blob = self.backend.get(table_object(name), offset=off, length=length)
-            found_key, kind, payload = decode_record(name, blob)
-            if self.disk_cache is not None:
-                self.disk_cache.put(name, off, length, blob)
+            decoded = self._decode_fetched(name, off, length, blob)
+        return self._matching(name, loc.pos, key, decoded)
+
+    def _disk_cached(self, name: str, off: int, length: int) -> tuple[str, int, bytes] | None:
+        """The record at ``off`` from the on-disk range cache, decoded; None if not there."""
+        blob = self.disk_cache.get(name, off, length) if self.disk_cache is not None else None
+        if blob is None:
+            return None
+        try:
+            return decode_record(name, blob)
+        except CorruptionError:  # a damaged cache file: forget it, read the store
+            self.disk_cache.drop(name, off, length)  # type: ignore[union-attr]
+            return None
+
+    def _decode_fetched(self, name: str, off: int, length: int, blob: bytes) -> tuple[str, int, bytes]:
+        decoded = decode_record(name, blob)
+        if self.disk_cache is not None:
+            self.disk_cache.put(name, off, length, blob)
+        return decoded
+
+    def _matching(self, name: str, pos: int, key: str, decoded: tuple[str, int, bytes]) -> Record | None:
+        """The decoded record if it holds ``key`` (a value is kept in the piece cache), else None."""
+        found_key, kind, payload = decoded
         if found_key != key:
             return None
         if kind == VALUE:
-            self.cache.put(cache_key, payload)
+            self.cache.put((name, pos, key), payload)
         return kind, payload
 
     def _resolve(self, key: str) -> tuple[int, bytes, _Location | None]:
@@ -465,13 +478,17 @@ class PieceStore:
             by_table.append((spec, index, hits))
             remaining = remaining[~found]
         resolved: set[str] = set()
+
+        def take(key: str, kind: int, payload: bytes) -> None:
+            resolved.add(key)
+            if kind == VALUE:
+                out[key] = payload
+            elif kind == EXTERNAL:
+                externals[key] = payload
+
         for table_result in self._read_pool.map(self._fetch_table_records, by_table):
-            resolved.update(table_result)
             for key, (kind, payload) in table_result.items():
-                if kind == VALUE:
-                    out[key] = payload
-                elif kind == EXTERNAL:
-                    externals[key] = payload
+                take(key, kind, payload)
         # A key whose hash matched a record of another key (a 64-bit collision) may still be in
         # an older table: look it up alone.
         for key in (k for _, _, hits in by_table for k, _ in hits if k not in resolved):
@@ -479,11 +496,7 @@ class PieceStore:
                 kind, payload, _ = self._resolve(key)
             except NotFoundError:
                 continue
-            resolved.add(key)
-            if kind == VALUE:
-                out[key] = payload
-            elif kind == EXTERNAL:
-                externals[key] = payload
+            take(key, kind, payload)
         if externals:
             fetched = self._read_pool.map(
                 lambda kv: (kv[0], self._read_external(kv[0], kv[1], 0, None)), externals.items()
@@ -507,22 +520,14 @@ class PieceStore:
         need: list[tuple[str, int]] = []
         for key, pos in hits:
             cached = self.cache.get((spec.name, pos, key))
-            if cached is None and self.disk_cache is not None:
-                off, length = record_span(index, pos)
-                raw = self.disk_cache.get(spec.name, off, length)
-                if raw is not None:
-                    try:
-                        found_key, kind, payload = decode_record(spec.name, raw, expect_key=None)
-                    except CorruptionError:
-                        self.disk_cache.drop(spec.name, off, length)
-                    else:
-                        if found_key == key:
-                            result[key] = (kind, payload)
-                        continue
             if cached is not None:
                 result[key] = (VALUE, cached)
-            else:
+                continue
+            decoded = self._disk_cached(spec.name, *record_span(index, pos))
+            if decoded is None:
                 need.append((key, pos))
+            elif decoded[0] == key:  # else another key of the same hash: not in this table
+                result[key] = (decoded[1], decoded[2])
         if not need:
             return result
         spans = [record_span(index, pos) for _, pos in need]
@@ -534,14 +539,9 @@ class PieceStore:
         except NotFoundError as e:
             raise _StaleView(spec.name) from e
         for (key, pos), blob, (off, length) in zip(need, blobs, spans, strict=True):
-            found_key, kind, payload = decode_record(spec.name, blob, expect_key=None)
-            if self.disk_cache is not None:
-                self.disk_cache.put(spec.name, off, length, blob)
-            if found_key != key:
-                continue  # hash collision with another key in this table
-            result[key] = (kind, payload)
-            if kind == VALUE:
-                self.cache.put((spec.name, pos, key), payload)
+            found = self._matching(spec.name, pos, key, self._decode_fetched(spec.name, off, length, blob))
+            if found is not None:  # None: another key of the same hash
+                result[key] = found
         return result
 
     def head(self, key: str) -> PieceInfo:

@@ -106,12 +106,10 @@ class BuiltTable:
         return len(self.data) - self.index_bytes - self.keys_bytes
 
 
-def build_table(records: Iterable[tuple[str, int, bytes]], *, checked: bool = False) -> BuiltTable:
-    """Pack (key, kind, payload) records into one table file; on duplicate keys the last wins.
-
-    ``checked`` skips validating keys, kinds and payloads that the caller has already validated.
-    """
-    latest = {key: (kind, payload) for key, kind, payload in records} if checked else _validated(records)
+def build_table(records: Iterable[tuple[str, int, bytes]]) -> BuiltTable:
+    """Pack (key, kind, payload) records, each validated, into one table file; the last of a
+    key wins. The store, which validates on put, calls :func:`build_sorted` directly."""
+    latest = _validated(records)
     return build_sorted(sorted(latest), latest)
 
 
