@@ -13,7 +13,9 @@ operation) and follows a reshard done by another process.
 
 During a reshard (layout state "resharding", see ``piecestore.sharding.reshard``):
 
-* reads go to a key's new owner first, then to its previous owner;
+* reads go to a key's new owner first, then to its previous owner; a miss is read once more
+  through views re-checked at that moment, so a read slower than the grace period (which the
+  mover waits out before sweeping) cannot report a moved piece as absent;
 * writes and deletes of a key whose owner changes go to the previous owner first and then to
   the new one. The mover copies from the previous owner, so with writes landing there first
   it can detect, by re-reading the previous owner after its copy, any client write that raced
@@ -530,31 +532,46 @@ class ShardedStore:
     def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
         """Read a piece (or a range) from its shard; during a reshard, new owner then previous."""
         key = check_key(key)
-        owner, prev = self._routing_now().place(key)
-        if prev is None:
-            return owner.get(key, offset=offset, length=length)
+        return self._read_one(key, lambda s: s.get(key, offset=offset, length=length))
+
+    def _read_one(self, key: str, read: Callable[[PieceStore], T]) -> T:
+        """``read`` on the key's owner (then previous owner); a miss is confirmed on fresh views.
+
+        The layout and shard views were fresh when the call began, but a slow read (a busy
+        process, a reshard copying beside it) can outlive the reshard's grace period: then a
+        miss may only mean the piece moved. A miss is therefore read again, once, through views
+        re-checked at that moment (no request unless a view has aged past its interval).
+        """
+        routing = self._routing_now()
         try:
-            return owner.get(key, offset=offset, length=length)
+            return self._read_placed(routing.place(key), read)
         except NotFoundError:
-            return prev.get(key, offset=offset, length=length)
+            return self._read_placed(self._routing_now().place(key), read)
+
+    @staticmethod
+    def _read_placed(placed: tuple[PieceStore, PieceStore | None], read: Callable[[PieceStore], T]) -> T:
+        owner, prev = placed
+        if prev is None:
+            return read(owner)
+        try:
+            return read(owner)
+        except NotFoundError:
+            return read(prev)
 
     def get_many(
         self, keys: Iterable[str], *, missing: Literal["raise", "skip"] = "raise"
     ) -> dict[str, bytes]:
-        """Read many pieces: one get_many per shard, shards in parallel; result in request order."""
+        """Read many pieces: one get_many per shard, shards in parallel; result in request order.
+
+        Misses are read once more through re-checked views, as in ``get``.
+        """
         wanted = list(dict.fromkeys(check_key(k) for k in keys))
         if missing not in ("raise", "skip"):
             raise InvalidValueError(f"missing must be 'raise' or 'skip', got {missing!r}")
-        routing = self._routing_now()
         out: dict[str, bytes] = {}
-        if wanted:
-            owners, prevs = routing.place_many(wanted)
-            self._gather(out, zip(wanted, owners, strict=True))
-            if routing.prev_router is not None:
-                fallback = [
-                    (k, p) for k, p in zip(wanted, prevs, strict=True) if p is not None and k not in out
-                ]
-                self._gather(out, fallback)
+        self._gather_routed(out, wanted, self._routing_now())
+        if len(out) < len(wanted):
+            self._gather_routed(out, [k for k in wanted if k not in out], self._routing_now())
         if missing == "raise" and len(out) < len(wanted):
             absent = [k for k in wanted if k not in out]
             shown = ", ".join(repr(k[:60]) for k in absent[:5])
@@ -564,6 +581,16 @@ class ShardedStore:
                 + "; pass missing='skip' to get the others"
             )
         return {k: out[k] for k in wanted if k in out}
+
+    def _gather_routed(self, out: dict[str, bytes], keys: builtins.list[str], routing: _Routing) -> None:
+        """Read ``keys`` from their owners under ``routing``, then the misses from previous owners."""
+        if not keys:
+            return
+        owners, prevs = routing.place_many(keys)
+        self._gather(out, zip(keys, owners, strict=True))
+        if routing.prev_router is not None:
+            fallback = [(k, p) for k, p in zip(keys, prevs, strict=True) if p is not None and k not in out]
+            self._gather(out, fallback)
 
     def _gather(self, out: dict[str, bytes], placed: Iterable[tuple[str, PieceStore]]) -> None:
         groups: dict[int, list[str]] = {}
@@ -576,13 +603,7 @@ class ShardedStore:
 
     def head(self, key: str) -> PieceInfo:
         key = check_key(key)
-        owner, prev = self._routing_now().place(key)
-        if prev is None:
-            return owner.head(key)
-        try:
-            return owner.head(key)
-        except NotFoundError:
-            return prev.head(key)
+        return self._read_one(key, lambda s: s.head(key))
 
     def exists(self, key: str) -> bool:
         try:

@@ -364,6 +364,48 @@ def test_another_handle_follows_the_reshard() -> None:
         assert a.get("from-b") == b"1"
 
 
+@pytest.mark.parametrize("call", ["get_many", "get", "head"])
+def test_a_read_that_outlives_the_grace_period_still_finds_moved_pieces(call: str) -> None:
+    """A read that began before a whole reshard (grace 0) and ends after its sweep: no miss.
+
+    ``b`` routes by the old layout; its first read of an old shard stalls while ``a`` reshards
+    and sweeps, then past ``b``'s check intervals. The miss it finds must be read again through
+    re-checked views, which send it to the new owner.
+    """
+    urls = memory_targets(5)
+    items = {f"s/{i:04d}": os.urandom(20) for i in range(400)}
+    with (
+        open_sharded(urls[:4]) as a,
+        open_sharded(urls[:4], engine_refresh_interval_seconds=0.1) as b,
+    ):
+        b.layout_check_seconds = 0.1
+        a.put_many(items)
+        b.refresh()
+        moving = [k for k in items if Router(urls).route(k) == 4]
+        stalled = threading.Lock()
+        done = threading.Event()
+        for shard in b.shards:
+            real = getattr(shard, call)
+
+            def stall_once(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+                with stalled:
+                    if not done.is_set():
+                        a.reshard(urls, grace_seconds=0)
+                        threading.Event().wait(0.3)  # b's views age past their intervals
+                        done.set()
+                return _real(*args, **kwargs)
+
+            setattr(shard, call, stall_once)
+        if call == "get_many":
+            assert b.get_many(list(items)) == items
+        elif call == "get":
+            assert b.get(moving[0]) == items[moving[0]]
+        else:
+            assert b.head(moving[0]).size == len(items[moving[0]])
+        assert done.is_set() and a.layout.state == "stable"
+        assert moving[0] not in holdings(a, urls)[urls[Router(urls[:4]).route(moving[0])]]
+
+
 def test_a_racing_writer_elsewhere_is_not_shadowed_by_the_copy() -> None:
     """Another process overwrites keys between the mover's read and its write: it must win.
 
