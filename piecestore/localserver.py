@@ -71,6 +71,23 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Wait until every thread of ``pid`` is in the stopped state (T), up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+            states = []
+            for tid in tasks:
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                    states.append(f.read().rsplit(b")", 1)[1].split()[0])
+        except OSError:
+            return  # not Linux, or the process is gone: nothing more to wait for
+        if states and all(st in (b"T", b"t") for st in states):
+            return
+        time.sleep(0.005)
+
+
 class LocalS3Server:
     """``with LocalS3Server() as srv: srv.endpoint`` -> http://127.0.0.1:PORT."""
 
@@ -158,9 +175,14 @@ class LocalS3Server:
         return False
 
     def pause(self) -> None:
-        """Freeze the server (SIGSTOP): requests time out as in a network outage."""
+        """Freeze the server (SIGSTOP): requests time out as in a network outage.
+
+        Returns once every thread is seen stopped: the stop is delivered asynchronously, and a
+        thread that is still running answers requests sent just after the signal (seen here).
+        """
         if self.proc is not None:
             os.killpg(self.proc.pid, signal.SIGSTOP)
+            _wait_stopped(self.proc.pid)
 
     def resume(self) -> None:
         if self.proc is not None:
