@@ -42,6 +42,7 @@ from piecestore.table import (
     Bytes,
     RawRecords,
     checksum,
+    content_intact,
     copy_table,
     decode_external,
     decode_keys,
@@ -262,11 +263,12 @@ def live_records(a: TableAnalysis, data: bytes, includes_oldest: bool, dead_blob
             if view[start + hdr : start + hdr + len(key)] != key:
                 raise CorruptionError(f"table {name}: record {pos} ({a.keys[pos][:80]!r}) holds another key")
     records: list[Bytes] = [view[b:e] for b, e in zip(starts.tolist(), ends.tolist(), strict=True)]
-    sums = np.fromiter(map(checksum, [r[8:] for r in records]), dtype=np.uint64, count=len(records))
-    bad = sums != fields["checksum"]
-    if bool(bad.any()):
-        pos = kept_list[int(np.argmax(bad))]
-        raise CorruptionError(f"table {name}: record {pos} ({a.keys[pos][:80]!r}) fails its checksum")
+    if not content_intact(name, data):  # damage somewhere in the file: find it record by record
+        sums = np.fromiter(map(checksum, [r[8:] for r in records]), dtype=np.uint64, count=len(records))
+        bad = sums != fields["checksum"]
+        if bool(bad.any()):
+            pos = kept_list[int(np.argmax(bad))]
+            raise CorruptionError(f"table {name}: record {pos} ({a.keys[pos][:80]!r}) fails its checksum")
     # Views into ``data`` keep the whole input alive until its records are written out; when
     # most of it is dead, copy the few live records instead, so memory stays near the output.
     if len(kept) * 2 < index.count:

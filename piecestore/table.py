@@ -87,6 +87,17 @@ def table_name(data: Bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data) + ".tbl"
 
 
+def content_intact(name: str, data: Bytes) -> bool:
+    """Whether ``data`` is exactly the file its content name ``name`` was made from.
+
+    One C-level pass over the whole file vouches for every record in it, which is far cheaper
+    than one checksum call per record; False (not a content name, or damage anywhere in the
+    file) means the caller must check record by record.
+    """
+    base = name.rsplit("/", 1)[-1]
+    return _NAME_RE.fullmatch(base) is not None and table_name(data) == base
+
+
 # -- building ------------------------------------------------------------------------------
 
 
@@ -593,6 +604,7 @@ __all__ = [
     "ExternalRef",
     "build_table",
     "checksum",
+    "content_intact",
     "decode_external",
     "decode_keys",
     "decode_record",
