@@ -181,6 +181,23 @@ class Backend(ABC):
         self._check_writable("put", name)
         return self._put(name, buf, mode)
 
+    def put_parts(
+        self, name: str, parts: Sequence[bytes | bytearray | memoryview], *, mode: PutMode = "overwrite"
+    ) -> ObjectMeta:
+        """Write an object made of ``parts``, in order, as ``put`` would write their join.
+
+        For objects built from many buffers (a table file is a few per record): a driver that
+        can write them as they are (the file driver, with writev) skips joining them first.
+        """
+        name = validate_name(name)
+        if isinstance(parts, (bytes, bytearray, memoryview, str)) or not all(
+            isinstance(p, (bytes, bytearray, memoryview)) for p in parts
+        ):
+            raise InvalidValueError(f"parts of {name!r} must be a sequence of bytes-like objects")
+        mode = check_mode(mode)
+        self._check_writable("put", name)
+        return self._put_parts(name, [memoryview(p).cast("B") for p in parts], mode)
+
     def get(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
         """Read an object or a range of it; a range past the end is clipped, never an error."""
         name = validate_name(name)
@@ -288,6 +305,10 @@ class Backend(ABC):
     # -- what drivers implement --------------------------------------------------------
     @abstractmethod
     def _put(self, name: str, data: memoryview | BinaryIO, mode: PutMode) -> ObjectMeta: ...
+
+    def _put_parts(self, name: str, parts: builtins.list[memoryview], mode: PutMode) -> ObjectMeta:
+        """Default: join, then ``_put``; drivers that can write a list of buffers override it."""
+        return self._put(name, memoryview(b"".join(parts)), mode)
 
     @abstractmethod
     def _get(self, name: str, offset: int, length: int | None) -> bytes: ...

@@ -65,6 +65,7 @@ CHUNK_NAME_BYTES = 240  # < NAME_MAX (255) minus the longest suffix
 LOCK_STRIPES = 1024
 TEMP_GRACE_SECONDS = 600.0  # an unlocked temp file older than this is a dead writer's leftover
 _IO_BYTES = 1 << 20
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
 _RETRIES = 64
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -151,6 +152,19 @@ def _write_all(fd: int, view: memoryview) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _writev_all(fd: int, parts: list[memoryview]) -> None:
+    """Write every buffer in order with writev, at most IOV_MAX at a time, resuming short writes."""
+    pending = list(parts)
+    at = 0
+    while at < len(pending):
+        written = os.writev(fd, pending[at : at + _IOV_MAX])
+        while at < len(pending) and written >= len(pending[at]):
+            written -= len(pending[at])
+            at += 1
+        if written:  # a short write ended inside this buffer: its rest goes first next time
+            pending[at] = pending[at][written:]
 
 
 def _read_span(fd: int, size: int, offset: int, length: int | None) -> bytes:
@@ -578,7 +592,7 @@ class FileBackend(Backend):
         os.pwrite(lock_fd, stamp.to_bytes(8, "little"), 0)
         return stamp
 
-    def _write_temp(self, name: str, data: memoryview | BinaryIO) -> tuple[int, str]:
+    def _write_temp(self, name: str, data: memoryview | BinaryIO | list[memoryview]) -> tuple[int, str]:
         temp = f"{uuid.uuid4().hex}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC
         fd = os.open(temp, flags, 0o666, dir_fd=self._tmp_fd)
@@ -586,6 +600,8 @@ class FileBackend(Backend):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # tells sweep_temp this writer lives
             if isinstance(data, memoryview):
                 _write_all(fd, data)
+            elif isinstance(data, list):
+                _writev_all(fd, data)
             else:
                 while True:
                     try:
@@ -607,7 +623,10 @@ class FileBackend(Backend):
             raise
         return fd, temp
 
-    def _put(self, name: str, data: memoryview | BinaryIO, mode: PutMode) -> ObjectMeta:
+    def _put_parts(self, name: str, parts: list[memoryview], mode: PutMode) -> ObjectMeta:
+        return self._put(name, parts, mode)
+
+    def _put(self, name: str, data: memoryview | BinaryIO | list[memoryview], mode: PutMode) -> ObjectMeta:
         dirs, leaf = physical_path(name)
         try:
             fd, temp = self._write_temp(name, data)

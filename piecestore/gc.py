@@ -457,9 +457,9 @@ class GarbageCollector:
             group, size = [], 0
             while len(uploads) >= limit:
                 uploads.pop(0).result()
-            uploads.append(writes.submit(self.backend.put, table_object(t.name), t.data))
+            uploads.append(writes.submit(self.backend.put_parts, table_object(t.name), t.parts))
             built_specs.append(self.store.tables.add_built(t))
-            report.rewritten_bytes += len(t.data)
+            report.rewritten_bytes += t.size
 
         try:
             # Many small tables are fetched well ahead (latency-bound); big ones one ahead, so

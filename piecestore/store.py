@@ -302,7 +302,7 @@ class PieceStore:
         )
 
     def _upload(self, table: BuiltTable) -> None:
-        self.backend.put(table_object(table.name), table.data)
+        self.backend.put_parts(table_object(table.name), table.parts)
 
     def _commit(self, change: Any) -> ManifestView:
         view = self.manifests.commit(change, self._view)

@@ -31,6 +31,8 @@ the xxh3_128 of its whole content, so two writers can never produce different fi
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
 import re
 import secrets
@@ -103,18 +105,41 @@ def content_intact(name: str, data: Bytes) -> bool:
 
 @dataclass(frozen=True)
 class BuiltTable:
-    """A finished table file and what the manifest records about it."""
+    """A finished table file and what the manifest records about it.
+
+    The file is kept as the buffers it is made of, in order (record headers, values, key
+    block, index, footer), not joined: a driver that can write them as they are
+    (``Backend.put_parts``) saves a copy of the whole file on the writer's critical path.
+    """
 
     name: str
-    data: bytes
+    parts: tuple[Bytes, ...]
+    size: int
     count: int
     index_bytes: int  # the suffix (index + footer) a reader fetches to load the index
     keys_bytes: int
     live_bytes: int  # sum of payload lengths of non-tombstone records (external: the descriptor)
 
+    @functools.cached_property
+    def data(self) -> bytes:
+        """The whole file as one bytes object (joined on first use)."""
+        return b"".join(self.parts)
+
+    def tail(self, n: int) -> bytes:
+        """The file's last ``n`` bytes (the index suffix), without joining the rest."""
+        got: list[Bytes] = []
+        left = n
+        for part in reversed(self.parts):
+            if left <= 0:
+                break
+            size = len(memoryview(part).cast("B"))
+            got.append(part if size <= left else memoryview(part).cast("B")[size - left :])
+            left -= size
+        return b"".join(reversed(got))
+
     @property
     def keys_offset(self) -> int:
-        return len(self.data) - self.index_bytes - self.keys_bytes
+        return self.size - self.index_bytes - self.keys_bytes
 
 
 def build_table(records: Iterable[tuple[str, int, bytes]]) -> BuiltTable:
@@ -228,10 +253,10 @@ def copy_table(records: RawRecords) -> BuiltTable:
     """
     keys = records.keys
     order = sorted(range(len(keys)), key=keys.__getitem__)
-    sorted_keys = [keys[i] for i in order]
+    sorted_keys = list(map(keys.__getitem__, order))
     if len(set(sorted_keys)) != len(sorted_keys):
         raise ValueError("copy_table got the same key twice; compaction keeps one live record per key")
-    parts = [records.records[i] for i in order]
+    parts = list(map(records.records.__getitem__, order))
     at = np.asarray(order, dtype=np.int64)
     return _finish_table(sorted_keys, parts, records.kinds[at], records.value_lens[at], records.hashes[at])
 
@@ -274,10 +299,13 @@ def _finish_table(
     index_sum = xxhash.xxh3_64(index)
     index_sum.update(footer_head)
     parts += (key_block, index, footer_head, _U64.pack(index_sum.intdigest()), MAGIC)
-    data = b"".join(parts)
-    del parts
+    name = xxhash.xxh3_128()
+    collections.deque(map(name.update, parts), maxlen=0)  # the content name, without a join
+    size = records_bytes + len(key_block) + len(index) + FOOTER_BYTES
     live = int(value_lens[kinds != TOMBSTONE].sum())
-    return BuiltTable(table_name(data), data, n, len(index) + FOOTER_BYTES, len(key_block), live)
+    return BuiltTable(
+        name.hexdigest() + ".tbl", tuple(parts), size, n, len(index) + FOOTER_BYTES, len(key_block), live
+    )
 
 
 # -- reading -------------------------------------------------------------------------------

@@ -99,9 +99,9 @@ class TableSet:
     def add_built(self, table: BuiltTable) -> TableSpec:
         """Register a table this process just wrote, from bytes already in hand; its manifest entry."""
         spec = TableSpec(
-            table.name, table.count, len(table.data), table.index_bytes, table.keys_bytes, table.live_bytes
+            table.name, table.count, table.size, table.index_bytes, table.keys_bytes, table.live_bytes
         )
-        index = parse_index(spec.name, table.data[-table.index_bytes :], file_size=spec.size)
+        index = parse_index(spec.name, table.tail(table.index_bytes), file_size=spec.size)
         with self._lock:
             self._indexes[spec.name] = index
             self._unpublished[spec.name] = time.monotonic()

@@ -289,6 +289,33 @@ def test_failed_write_leaves_nothing(store: FileBackend, root: Path, monkeypatch
     assert _temps(root) == [] and not store.exists("obj/name")
 
 
+def test_short_writev_resumes(store: FileBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """writev may write less than asked, even mid-buffer: every byte still lands, in order."""
+    real = os.writev
+    rng = random.Random(7)
+
+    def short(fd: int, buffers: Any) -> int:
+        total = sum(len(b) for b in buffers)
+        return real(fd, [memoryview(b"".join(buffers))[: rng.randint(1, total)]]) if total else 0
+
+    monkeypatch.setattr(filemod.os, "writev", short)
+    parts = [os.urandom(rng.randint(0, 300)) for _ in range(2500)]
+    store.put_parts("short", parts)
+    assert store.get("short") == b"".join(parts)
+
+
+def test_failed_writev_leaves_nothing(
+    store: FileBackend, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, buffers: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filemod.os, "writev", full)
+    with pytest.raises(PieceStoreError, match=r"'obj/parts'.*no space"):
+        store.put_parts("obj/parts", [b"a", b"b"])
+    assert _temps(root) == [] and not store.exists("obj/parts")
+
+
 def test_permission_errors_are_mapped(store: FileBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     store.put("k", b"v")
 

@@ -231,20 +231,20 @@ def test_failed_buffered_flush_is_reported_by_flush(tmp_path: Any) -> None:
     from piecestore import BackendUnavailableError
 
     with piecestore.open(f"file://{tmp_path}", store_buffered_writes=True) as s:
-        original = s.backend.put
+        original = s.backend._put
 
-        def failing_put(name: str, data: Any, **kw: Any) -> Any:
+        def failing_put(name: str, data: Any, mode: Any) -> Any:
             if name.startswith("tables/"):
                 raise BackendUnavailableError("simulated outage")
-            return original(name, data, **kw)
+            return original(name, data, mode)
 
-        s.backend.put = failing_put  # type: ignore[method-assign]
+        s.backend._put = failing_put  # type: ignore[method-assign]
         s.put("lost", b"1")
         s._committer._open.urgent = True  # let the flusher try now, with nobody waiting
         with pytest.raises(BackendUnavailableError):
             for _ in range(100):
                 s.flush()
-        s.backend.put = original  # type: ignore[method-assign]
+        s.backend._put = original  # type: ignore[method-assign]
         s.put("kept", b"2")
         s.flush()
         assert s.get("kept") == b"2"

@@ -76,6 +76,9 @@ def check_round_trip(records: Sequence[Record]) -> None:
     index = load(built)
     assert built.count == index.count == len(want)
     assert built.name == xxhash.xxh3_128_hexdigest(built.data) + ".tbl"
+    assert built.size == len(built.data) and b"".join(built.parts) == built.data
+    for n in (0, 1, built.index_bytes - 1, built.index_bytes, built.size):
+        assert built.tail(n) == built.data[len(built.data) - n :]
     assert built.live_bytes == sum(len(p) for k, p in want.values() if k != TOMBSTONE)
     assert index.index_bytes == built.index_bytes and index.keys_bytes == built.keys_bytes
     keys = read_keys(built, index)
