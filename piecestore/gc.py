@@ -217,10 +217,11 @@ def stats_of(analysis: Sequence[TableAnalysis]) -> DataStats:
 def live_records(a: TableAnalysis, data: bytes, includes_oldest: bool, dead_blobs: list[str]) -> RawRecords:
     """The records of one table that compaction keeps, verified and ready to copy verbatim.
 
-    Headers and embedded keys are checked against the index and the key block in bulk with
-    numpy, and checksums are computed in one C-level pass, so a damaged record stops the
-    compaction (CorruptionError) instead of being carried into a new table, at about a
-    microsecond a record. Large pieces whose records die are added to ``dead_blobs``.
+    A table whose content hash matches its name is intact to the byte, so its records are
+    only located (from the index, in bulk). Any other is checked record by record: headers
+    and embedded keys against the index and the key block (in bulk with numpy) and every
+    checksum, so a damaged record stops the compaction (CorruptionError) instead of being
+    carried into a new table. Large pieces whose records die are added to ``dead_blobs``.
     """
     index, name = a.index, a.spec.name
     view = memoryview(data)
@@ -238,10 +239,40 @@ def live_records(a: TableAnalysis, data: bytes, includes_oldest: bool, dead_blob
     starts, ends = offsets[kept], offsets[kept + 1]
     if int(ends[-1]) > len(data):
         raise CorruptionError(f"table {name}: {len(data)} bytes read, the index needs {int(ends[-1])}")
+    key_lens = index.key_lens[kept].astype(np.int64)
+    value_lens = ends - starts - RECORD_HEADER.size - key_lens
+    kept_list = kept.tolist()
+    records: list[Bytes] = list(map(view.__getitem__, map(slice, starts.tolist(), ends.tolist())))
+    if content_intact(name, data):
+        block = data[index.records_bytes : index.records_bytes + index.keys_bytes]
+        keys: list[bytes] = list(map(block.split(b"\x00").__getitem__, kept_list))
+    else:  # damage somewhere in the file: find it record by record
+        keys = "\x00".join([a.keys[p] for p in kept_list]).encode("utf-8").split(b"\x00")
+        _check_records(a, data, kept, starts, ends, key_lens, keys, records)
+    # Views into ``data`` keep the whole input alive until its records are written out; when
+    # most of it is dead, copy the few live records instead, so memory stays near the output.
+    if len(kept) * 2 < index.count:
+        records = [bytes(r) for r in records]
+    hash_of = np.empty(index.count, dtype=np.uint64)
+    hash_of[index.positions] = index.hashes
+    return RawRecords(keys, records, index.kinds[kept], value_lens.astype(np.uint64), hash_of[kept])
+
+
+def _check_records(
+    a: TableAnalysis,
+    data: bytes,
+    kept: np.ndarray[Any, np.dtype[np.intp]],
+    starts: np.ndarray[Any, np.dtype[np.int64]],
+    ends: np.ndarray[Any, np.dtype[np.int64]],
+    key_lens: np.ndarray[Any, np.dtype[np.int64]],
+    keys: list[bytes],
+    records: list[Bytes],
+) -> None:
+    """CorruptionError naming the first kept record whose header, key or checksum is wrong."""
+    index, name = a.index, a.spec.name
     whole = np.frombuffer(data, dtype=np.uint8)
     hdr = RECORD_HEADER.size
     fields = whole[starts[:, None] + np.arange(hdr)].view(_HEADER_DTYPE).ravel()
-    key_lens = index.key_lens[kept].astype(np.int64)
     bad = (
         (fields["kind"] != index.kinds[kept])
         | (fields["flags"] != 0)
@@ -251,31 +282,19 @@ def live_records(a: TableAnalysis, data: bytes, includes_oldest: bool, dead_blob
     if bool(bad.any()):
         pos = int(kept[int(np.argmax(bad))])
         raise CorruptionError(f"table {name}: record {pos}'s header does not match the index")
-    kept_list = kept.tolist()
     # The key block (checksummed, lengths checked by decode_keys) must match the keys embedded
     # in the records byte for byte: gather those and compare once.
-    joined = "\x00".join([a.keys[p] for p in kept_list]).encode("utf-8")
-    keys = joined.split(b"\x00")
     firsts = np.cumsum(key_lens) - key_lens
     at = np.repeat(starts + hdr - firsts, key_lens) + np.arange(int(key_lens.sum()))
-    if not np.array_equal(whole[at], np.frombuffer(joined.replace(b"\x00", b""), dtype=np.uint8)):
-        for pos, key, start in zip(kept_list, keys, starts.tolist(), strict=True):
-            if view[start + hdr : start + hdr + len(key)] != key:
+    if not np.array_equal(whole[at], np.frombuffer(b"".join(keys), dtype=np.uint8)):
+        for pos, key, record in zip(kept.tolist(), keys, records, strict=True):
+            if record[hdr : hdr + len(key)] != key:
                 raise CorruptionError(f"table {name}: record {pos} ({a.keys[pos][:80]!r}) holds another key")
-    records: list[Bytes] = [view[b:e] for b, e in zip(starts.tolist(), ends.tolist(), strict=True)]
-    if not content_intact(name, data):  # damage somewhere in the file: find it record by record
-        sums = np.fromiter(map(checksum, [r[8:] for r in records]), dtype=np.uint64, count=len(records))
-        bad = sums != fields["checksum"]
-        if bool(bad.any()):
-            pos = kept_list[int(np.argmax(bad))]
-            raise CorruptionError(f"table {name}: record {pos} ({a.keys[pos][:80]!r}) fails its checksum")
-    # Views into ``data`` keep the whole input alive until its records are written out; when
-    # most of it is dead, copy the few live records instead, so memory stays near the output.
-    if len(kept) * 2 < index.count:
-        records = [bytes(r) for r in records]
-    hash_of = np.empty(index.count, dtype=np.uint64)
-    hash_of[index.positions] = index.hashes
-    return RawRecords(keys, records, index.kinds[kept], fields["value_len"].astype(np.uint64), hash_of[kept])
+    sums = np.fromiter(map(checksum, [r[8:] for r in records]), dtype=np.uint64, count=len(records))
+    bad = sums != fields["checksum"]
+    if bool(bad.any()):
+        pos = int(kept[int(np.argmax(bad))])
+        raise CorruptionError(f"table {name}: record {pos} ({a.keys[pos][:80]!r}) fails its checksum")
 
 
 _NO_RECORDS = RawRecords([], [], np.empty(0, np.uint8), np.empty(0, np.uint64), np.empty(0, np.uint64))

@@ -161,7 +161,7 @@ def test_fsck_finds_damage_and_reads_stay_safe(tmp_path: Any) -> None:
         assert store.get("g/3") == bytes([3]) * 300  # other pieces still read
 
 
-@pytest.mark.parametrize("where", ["payload", "header"])
+@pytest.mark.parametrize("where", ["payload", "header", "key"])
 def test_compaction_refuses_a_damaged_record_and_keeps_the_table(tmp_path: Any, where: str) -> None:
     """Compaction copies records verbatim, so it must verify them: damage stops it, loses nothing."""
     url = f"file://{tmp_path}"
@@ -172,7 +172,8 @@ def test_compaction_refuses_a_damaged_record_and_keeps_the_table(tmp_path: Any, 
         path = next(tmp_path.rglob(spec.name + "*"))
         raw = bytearray(path.read_bytes())
         rec = 20 + 4 + 300  # header, "f/NN", payload: the records are all this size
-        at = 30 * rec + (100 if where == "payload" else 10)  # live record f/30: payload or key_len
+        # live record f/30: a payload byte, its key_len, or its embedded key ("f/30" -> "f/31")
+        at = 30 * rec + {"payload": 100, "header": 10, "key": 20 + 3}[where]
         raw[at] ^= 0x01
         path.write_bytes(bytes(raw))
         report = store.gc(clock=later(10))
