@@ -19,25 +19,37 @@ MAX_PAUSE_SECONDS = 1.0  # one pause is never longer: a stalled GC would hold it
 
 _lock = threading.Lock()
 _in_flight = 0  # foreground write calls of this process now waiting for their commit
-_last_foreground_write = float("-inf")  # monotonic, when the last of them returned
+_recent: dict[int, float] = {}  # thread ident -> monotonic time its last write call returned
 
 
 @contextlib.contextmanager
 def foreground_write() -> Iterator[None]:
     """Wraps a store's write call (put, put_many, delete_many) while it waits for its commit."""
-    global _in_flight, _last_foreground_write
+    global _in_flight
     with _lock:
         _in_flight += 1
     try:
         yield
     finally:
+        now = time.monotonic()
         with _lock:
             _in_flight -= 1
-            _last_foreground_write = time.monotonic()
+            _recent[threading.get_ident()] = now
+            for ident in [i for i, at in _recent.items() if now - at >= RECENT_SECONDS]:
+                del _recent[ident]
 
 
 def writers_active() -> bool:
-    return _in_flight > 0 or time.monotonic() - _last_foreground_write < RECENT_SECONDS
+    """Whether another thread of this process is writing, or wrote a moment ago.
+
+    The calling thread's own past writes do not count: a thread that writes and then runs
+    ``gc()`` itself is not writing while its GC runs.
+    """
+    if _in_flight > 0:
+        return True
+    me, now = threading.get_ident(), time.monotonic()
+    with _lock:
+        return any(now - at < RECENT_SECONDS for ident, at in _recent.items() if ident != me)
 
 
 class Pacer:
@@ -56,10 +68,14 @@ class Pacer:
         self.paused = 0.0  # seconds spent pausing, for reports and tests
         self._mark = time.monotonic()
 
+    def pacing(self) -> bool:
+        """Whether the work must yield now: writers are active and it is not falling behind."""
+        return self.share < 1 and writers_active() and not (self._behind is not None and self._behind())
+
     def step(self) -> None:
         now = time.monotonic()
         worked = now - self._mark
-        if self.share < 1 and writers_active() and not (self._behind is not None and self._behind()):
+        if self.pacing():
             pause = min(worked * (1 / self.share - 1), MAX_PAUSE_SECONDS)
             time.sleep(pause)
             self.paused += pause

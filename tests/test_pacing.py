@@ -24,13 +24,35 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
         now[0] += seconds
 
     monkeypatch.setattr(pacing.time, "sleep", sleep)
-    monkeypatch.setattr(pacing, "_last_foreground_write", float("-inf"))
+    monkeypatch.setattr(pacing, "_recent", {})
     return now
 
 
 def wrote() -> None:
+    """A write call by another thread of this process."""
+
+    def write() -> None:
+        with pacing.foreground_write():
+            pass
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join()
+
+
+def test_this_threads_own_past_writes_do_not_pace_its_gc(clock: list[float]) -> None:
+    """A thread that writes and then runs gc() itself is not writing while the GC runs."""
+    pacer = Pacer(0.1)
     with pacing.foreground_write():
         pass
+    clock[0] += 0.01
+    assert not pacing.writers_active()
+    pacer.step()
+    assert pacer.paused == 0
+    wrote()  # another thread's write a moment ago does count
+    clock[0] += 0.01
+    pacer.step()
+    assert pacer.paused == pytest.approx(0.09)
 
 
 def test_idle_background_work_never_pauses(clock: list[float]) -> None:
