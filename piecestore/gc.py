@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -175,6 +176,12 @@ class TableAnalysis:
     def dead_fraction(self) -> float:
         return self.dead_bytes / max(1, int(self.record_bytes.sum()))
 
+    def kept(self, includes_oldest: bool) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """Per record: whether compaction copies it (tombstones go once nothing older is left)."""
+        dropped_tombstones = (self.index.kinds == TOMBSTONE) & includes_oldest
+        kept: np.ndarray[Any, np.dtype[np.bool_]] = ~self.dead & ~dropped_tombstones
+        return kept
+
 
 def analyze(
     store: PieceStore, tables: Sequence[tuple[TableSpec, TableIndex]], *, concurrent: bool = False
@@ -226,8 +233,7 @@ def live_records(a: TableAnalysis, data: bytes, includes_oldest: bool, dead_blob
     index, name = a.index, a.spec.name
     view = memoryview(data)
     offsets = index.offsets.astype(np.int64)
-    tomb = index.kinds == TOMBSTONE
-    keep = ~a.dead & ~(tomb & includes_oldest)
+    keep = a.kept(includes_oldest)
     for pos in np.flatnonzero(~keep & (index.kinds == EXTERNAL)).tolist():
         start, end = int(offsets[pos]), int(offsets[pos + 1])
         _, _, payload = decode_record(name, view[start:end], expect_key=a.keys[pos])
@@ -467,6 +473,12 @@ class GarbageCollector:
         size = 0
         reads, writes = self.store._read_pool, self.store._write_pool
         limit = self.store.settings.engine.write_concurrency
+        # As few outputs as the target size allows, all of one size: the last one's upload is
+        # all that cannot overlap the decoding, so it should not be a full target's worth.
+        live_bytes = sum(
+            int((a.record_bytes - RECORD_HEADER.size)[a.kept(includes_oldest)].sum()) for a in run
+        )
+        cut_bytes = math.ceil(live_bytes / max(1, math.ceil(live_bytes / self.target)))
 
         def emit() -> None:
             nonlocal group, size
@@ -487,18 +499,21 @@ class GarbageCollector:
             pacer = Pacer(self.store.settings.gc.share_while_writing, behind)
             renewed = time.monotonic()
             for a in run:
+                if pacer.pacing():  # the writers' disk too: this run's uploads count as its work
+                    while uploads:
+                        uploads.pop(0).result()
                 pacer.step()
                 if renew is not None and time.monotonic() - renewed > self.lease_seconds / 3:
                     renew()
                     renewed = time.monotonic()
                 live = live_records(a, fetches.next(), includes_oldest, dead_blobs)
-                # An output table is cut after the record that brings it to the target size.
+                # An output table is cut after the record that brings it to cut_bytes.
                 key_lens = np.fromiter(map(len, live.keys), np.int64, len(live))
                 ends = np.cumsum(live.value_lens.astype(np.int64) + key_lens)
                 taken = 0
                 while taken < len(live):
                     base = int(ends[taken - 1]) if taken else 0
-                    cut = int(np.searchsorted(ends, base + self.target - size)) + 1
+                    cut = int(np.searchsorted(ends, base + cut_bytes - size)) + 1
                     if cut > len(live):
                         group.append(live.slice(taken, len(live)))
                         size += int(ends[-1]) - base
