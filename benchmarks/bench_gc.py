@@ -16,10 +16,13 @@ store opened with gc_auto_compact=False:
    large-object copy bandwidth: 64 MiB / (GET s + PUT s) through ``store.backend``, measured
    right after each reclaim run (so both see the same machine load). Target: median >= 50 % of
    median.
-3. writers during GC (x --writer-rounds, fresh churned store each): one thread put_many's 4 KiB
-   pieces in batches of 1000 for --writer-seconds alone, then for as long again while one GC pass
-   runs beside it (by default in another thread on a second handle of the same store). The pass
-   compacts the churned pieces and the alone window's tables. Target: >= 70 % of alone.
+3. writers during GC (x --writer-rounds): two stores prepared alike (filled and churned as in 1,
+   plus --writer-prefill batches of 1000 x 4 KiB pieces, so GC has plenty to compact); on one, a
+   thread put_many's 4 KiB pieces in batches of 1000 for --writer-seconds alone; on the other,
+   for as long while one GC pass runs beside it (by default in another thread on a second handle
+   of the same store). Both writers start from the same table count (a writer slows as tables
+   pile up, and no compaction runs here), and the order alternates between rounds. Target:
+   >= 70 % of alone.
 
 MB = 1,000,000 bytes. Figures are medians with (min..max) over the repeats.
 """
@@ -381,16 +384,35 @@ def gc_child() -> int:
     return 0
 
 
-def writers_round(url: str, opts: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Fresh churned store; the writer alone, then the writer while a GC pass runs beside it."""
-    values = Values(args.value_bytes)
+def prepared_store(url: str, opts: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Fill and churn a store, then add --writer-prefill batches of the writer's pieces.
+
+    Both stores of a round are prepared alike, so their writers start from the same table
+    count: a writer slows down as tables pile up (no compaction runs in this benchmark), and
+    comparing a later window with an earlier one would charge that to the GC.
+    """
+    with piecestore.open(url, **opts) as store:
+        out = fill_and_churn(store, args.pieces, Values(args.value_bytes), args.batch)
+        value = Writer(store, "prefill").value
+        t = time.perf_counter()
+        for b in range(args.writer_prefill):
+            store.put_many({f"prefill/{b:06d}/{j:04d}": value for j in range(WRITER_BATCH)})
+        out["prefill_seconds"] = time.perf_counter() - t
+        out["tables_at_start"] = len(store.manifest.tables)
+    return out
+
+
+def writer_alone(url: str, opts: dict[str, Any], args: argparse.Namespace) -> float:
+    with piecestore.open(url, **opts) as store:
+        writer = Writer(store, "alone")
+        writer.run(args.writer_seconds)
+    return writer.rate()
+
+
+def writer_during_gc(url: str, opts: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The writer for --writer-seconds while one GC pass runs beside it (per --gc-handle)."""
     out: dict[str, Any] = {}
     with piecestore.open(url, **opts) as store:
-        out.update(fill_and_churn(store, args.pieces, values, args.batch))
-        alone = Writer(store, "alone")
-        alone.run(args.writer_seconds)
-        out["alone_pieces_per_s"] = alone.rate()
-        out["tables_at_gc_start"] = len(store.manifest.tables)
         during = Writer(store, "during")
         result: dict[str, Any] = {}
         if args.gc_handle == "process":
@@ -414,19 +436,39 @@ def writers_round(url: str, opts: dict[str, Any], args: argparse.Namespace) -> d
                     gc_store.close()
     outlasted = result["end"] >= during.end
     # While GC outlasts the window the whole window is contended; otherwise count only the overlap.
-    measured = during.rate() if outlasted else during.rate(result["start"], result["end"])
-    out["during_pieces_per_s"] = measured
+    out["during_pieces_per_s"] = during.rate() if outlasted else during.rate(result["start"], result["end"])
     out["during_pieces_per_s_window"] = during.rate()
     out["during_basis"] = "whole window (GC outlasted it)" if outlasted else "batches finished while GC ran"
-    out["ratio"] = measured / out["alone_pieces_per_s"]
     out["gc"] = {"handle": args.gc_handle, **result}
+    return out
+
+
+def writers_round(
+    name: str, base: str, r: int, opts: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Two stores prepared alike: the writer alone on one, beside a GC pass on the other.
+
+    The order alternates between rounds, so a drift of the machine over time cancels out.
+    """
+    alone_url, during_url = sub_url(base, f"writers{r}-alone"), sub_url(base, f"writers{r}-gc")
+    out: dict[str, Any] = {"alone_store": prepared_store(alone_url, opts, args)}
+    out["gc_store"] = prepared_store(during_url, opts, args)
+    if r % 2 == 0:
+        out["alone_pieces_per_s"] = writer_alone(alone_url, opts, args)
+        out.update(writer_during_gc(during_url, opts, args))
+    else:
+        out.update(writer_during_gc(during_url, opts, args))
+        out["alone_pieces_per_s"] = writer_alone(alone_url, opts, args)
+    out["ratio"] = out["during_pieces_per_s"] / out["alone_pieces_per_s"]
+    drop_store(name, base, f"writers{r}-alone")
+    drop_store(name, base, f"writers{r}-gc")
     return out
 
 
 def writers_phase(name: str, base: str, opts: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     rounds = []
     for r in range(args.writer_rounds):
-        w = writers_round(sub_url(base, f"writers{r}"), opts, args)
+        w = writers_round(name, base, r, opts, args)
         rounds.append(w)
         g = w["gc"]
         print(
@@ -437,7 +479,6 @@ def writers_phase(name: str, base: str, opts: dict[str, Any], args: argparse.Nam
             + (f", ERROR {g['error']}" if g["error"] else ""),
             flush=True,
         )
-        drop_store(name, base, f"writers{r}")
     return {
         "rounds": rounds,
         "alone_pieces_per_s": med([w["alone_pieces_per_s"] for w in rounds]),
@@ -597,8 +638,9 @@ def run_backend(
             "run). A copy moves each byte once each way; compaction reads compacted_input_bytes (live "
             "and dead) and writes rewritten_bytes.",
         }
-        print(f"[{name}] writers: {args.writer_seconds:g} s alone, then {args.writer_seconds:g} s during GC,"
-              f" x{args.writer_rounds}", flush=True)  # fmt: skip
+        secs = f"{args.writer_seconds:g} s"
+        print(f"[{name}] writers: {secs} alone and {secs} during GC, on two stores prepared alike, "
+              f"x{args.writer_rounds}", flush=True)  # fmt: skip
         t = time.perf_counter()
         result["writers"] = writers_phase(name, base, opts, args)
         result["writers_seconds"] = time.perf_counter() - t
@@ -615,7 +657,9 @@ def main() -> int:
     ap.add_argument("--verify-batch", type=int, default=10_000, help="pieces per get_many when verifying")
     ap.add_argument("--reps", type=int, default=3, help="reclaim runs (fresh store each)")
     ap.add_argument("--writer-seconds", type=float, default=6.0, help="each writer window")
-    ap.add_argument("--writer-rounds", type=int, default=3, help="alone/during-GC pairs (fresh store each)")
+    ap.add_argument("--writer-rounds", type=int, default=3, help="alone/during-GC pairs (fresh stores each)")
+    ap.add_argument("--writer-prefill", type=int, default=150,
+                    help="batches of the writer's pieces added to both stores of a round before it")
     ap.add_argument("--gc-handle", choices=tuple(HANDLES), default="second",
                     help="where the GC pass of the writers phase runs")  # fmt: skip
     ap.add_argument(
@@ -641,6 +685,7 @@ def main() -> int:
             "verify_batch": args.verify_batch,
             "reclaim_reps": args.reps,
             "writer_seconds": args.writer_seconds,
+            "writer_prefill_batches": args.writer_prefill,
             "writer_rounds": args.writer_rounds,
             "writer_value_bytes": WRITER_VALUE_BYTES,
             "writer_batch": WRITER_BATCH,
