@@ -325,7 +325,8 @@ def test_another_handle_follows_the_reshard() -> None:
     """A handle that is not resharding keeps reading everything, thanks to the grace periods.
 
     ``b`` re-reads the layout and its shards' manifests every 0.2 s; the mover waits 0.5 s
-    after each layout change, so ``b`` never routes by a layout or shard view that is too old.
+    after each layout change, so ``b`` never routes by a layout or shard view that is too old
+    (and a read that outlasts that anyway reads its misses again through fresh views).
     """
     urls = memory_targets(5)
     items = {f"h/{i:04d}": os.urandom(30) for i in range(1000)}
