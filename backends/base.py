@@ -182,7 +182,7 @@ class Backend(ABC):
         return self._put(name, buf, mode)
 
     def put_parts(
-        self, name: str, parts: Sequence[bytes | bytearray | memoryview], *, mode: PutMode = "overwrite"
+        self, name: str, parts: Iterable[bytes | bytearray | memoryview], *, mode: PutMode = "overwrite"
     ) -> ObjectMeta:
         """Write an object made of ``parts``, in order, as ``put`` would write their join.
 
@@ -190,13 +190,15 @@ class Backend(ABC):
         can write them as they are (the file driver, with writev) skips joining them first.
         """
         name = validate_name(name)
-        if isinstance(parts, (bytes, bytearray, memoryview, str)) or not all(
-            isinstance(p, (bytes, bytearray, memoryview)) for p in parts
-        ):
-            raise InvalidValueError(f"parts of {name!r} must be a sequence of bytes-like objects")
+        bad = InvalidValueError(f"parts of {name!r} must be a sequence of bytes-like objects")
+        if isinstance(parts, (bytes, bytearray, memoryview, str)):
+            raise bad
+        items = list(parts)
+        if not all(isinstance(p, (bytes, bytearray, memoryview)) for p in items):
+            raise bad
         mode = check_mode(mode)
         self._check_writable("put", name)
-        return self._put_parts(name, [memoryview(p).cast("B") for p in parts], mode)
+        return self._put_parts(name, [memoryview(p).cast("B") for p in items], mode)
 
     def get(self, name: str, *, offset: int = 0, length: int | None = None) -> bytes:
         """Read an object or a range of it; a range past the end is clipped, never an error."""

@@ -65,7 +65,7 @@ CHUNK_NAME_BYTES = 240  # < NAME_MAX (255) minus the longest suffix
 LOCK_STRIPES = 1024
 TEMP_GRACE_SECONDS = 600.0  # an unlocked temp file older than this is a dead writer's leftover
 _IO_BYTES = 1 << 20
-_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
+_IOV_MAX = 1024  # buffers per writev: IOV_MAX on Linux and the BSDs
 _RETRIES = 64
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -159,12 +159,15 @@ def _writev_all(fd: int, parts: list[memoryview]) -> None:
     pending = list(parts)
     at = 0
     while at < len(pending):
+        before = at
         written = os.writev(fd, pending[at : at + _IOV_MAX])
         while at < len(pending) and written >= len(pending[at]):
             written -= len(pending[at])
             at += 1
         if written:  # a short write ended inside this buffer: its rest goes first next time
             pending[at] = pending[at][written:]
+        elif at == before:
+            raise OSError(errno.EIO, "writev wrote nothing")
 
 
 def _read_span(fd: int, size: int, offset: int, length: int | None) -> bytes:

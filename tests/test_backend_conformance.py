@@ -67,7 +67,9 @@ def test_put_parts_writes_their_join(backend: Backend) -> None:
         backend.put_parts("p/c", [b"x"], mode="create")
     with pytest.raises(PreconditionFailedError):
         backend.put_parts("p/c", [b"x"], mode=IfMatch("not-the-etag"))
-    for bad in (b"bytes", "str", [b"ok", "not bytes"], [b"ok", 3]):
+    backend.put_parts("p/gen", (p for p in [b"from ", b"a generator"]))
+    assert backend.get("p/gen") == b"from a generator"
+    for bad in (b"bytes", b"", "str", [b"ok", "not bytes"], [b"ok", 3]):
         with pytest.raises(InvalidValueError, match="sequence of bytes-like"):
             backend.put_parts("p/bad", bad)  # type: ignore[arg-type]
     assert backend.get("p/c") == b"ab" and not backend.exists("p/bad")
