@@ -353,7 +353,8 @@ class GcSettings(_Group):
         default=0.1,
         gt=0,
         le=1,
-        description="while this process writes, GC and compaction work this share of the time (1: no pause)",
+        description="while other threads of this process write, GC and compaction work this share "
+        "of the time (1: no pause)",
     )
 
 
