@@ -277,6 +277,11 @@ def reclaim_phase(name: str, base: str, opts: dict[str, Any], args: argparse.Nam
     }
 
 
+def writer_value() -> bytes:
+    """The 4 KiB value every writer (and the prefill) puts."""
+    return np.random.default_rng(3).bytes(WRITER_VALUE_BYTES)
+
+
 class Writer:
     """One thread put_many'ing 4 KiB pieces in batches of 1000; records every batch's finish time.
 
@@ -286,7 +291,7 @@ class Writer:
     def __init__(self, store: Any, tag: str) -> None:
         self.store = store
         self.tag = tag
-        self.value = np.random.default_rng(3).bytes(WRITER_VALUE_BYTES)
+        self.value = writer_value()
         self.done: list[float] = []
         self.start = 0.0
         self.end = 0.0
@@ -393,7 +398,7 @@ def prepared_store(url: str, opts: dict[str, Any], args: argparse.Namespace) -> 
     """
     with piecestore.open(url, **opts) as store:
         out = fill_and_churn(store, args.pieces, Values(args.value_bytes), args.batch)
-        value = Writer(store, "prefill").value
+        value = writer_value()
         t = time.perf_counter()
         for b in range(args.writer_prefill):
             store.put_many({f"prefill/{b:06d}/{j:04d}": value for j in range(WRITER_BATCH)})

@@ -132,9 +132,9 @@ class BuiltTable:
         for part in reversed(self.parts):
             if left <= 0:
                 break
-            size = len(memoryview(part).cast("B"))
-            got.append(part if size <= left else memoryview(part).cast("B")[size - left :])
-            left -= size
+            view = memoryview(part).cast("B")
+            got.append(view if len(view) <= left else view[len(view) - left :])
+            left -= len(view)
         return b"".join(reversed(got))
 
     @property
