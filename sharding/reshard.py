@@ -1,7 +1,8 @@
 """The reshard mover: copy the pieces whose owner changes, then drop the stale copies.
 
 Protocol (crash-safe; every step is idempotent, so calling ``reshard`` again with the same
-targets resumes wherever a crash or an exception stopped it):
+targets resumes wherever a crash or an exception stopped it, as safely as a run that never
+stopped):
 
 1. Sweep: delete from every shard the keys it does not own under the current (stable) layout.
    Only a crash after step 4 leaves such copies; they must go before step 2, or one could
@@ -11,19 +12,32 @@ targets resumes wherever a crash or an exception stopped it):
    key to the previous owner first, then to the new one (see ``piecestore.sharding.store``).
    Other processes pick the change up within their ``layout_check_seconds``; the mover waits
    ``grace_seconds`` so that none of them still writes by the old layout while keys move.
-3. Copy: list every old shard, route its keys with the new router, and for each key whose
-   owner changes copy it (get_many from the old owner, put_many + flush to the new one, in
-   bounded batches), skipping keys the new owner already holds with the same bytes (a resumed
-   run copies only what is left). After each batch the mover re-reads the keys it wrote from
-   the old owner; a key that changed there was written (or deleted) by a client meanwhile, and
-   since clients write the old owner first, re-applying what the old owner now holds, until
-   it stops changing, guarantees a copy never shadows a newer client write. (For writers in
-   other processes this needs their writes to be durable in that order: buffered writes or an
-   open batch() there can commit the new owner first; in this process the gate covers them.)
+3. Copy: while resharding the previous owner is authoritative for every moving key (clients
+   write and delete it first), so the mover makes each new owner match it. It lists every
+   shard and takes each key whose owner changes that is held by its previous owner or by its
+   new one; then, in bounded batches per (previous, new) owner, it reads the new owner, then
+   a fresh view of the previous one, and copies what differs (put_many + flush) and deletes
+   from the new owner what the previous owner no longer holds. Listing the new owners too is
+   what makes a resumed run safe: a copy an interrupted run (or a client) left there may have
+   been deleted or overwritten on the previous owner since, and would otherwise shadow that
+   once the new layout is stable. After each batch the mover re-reads the previous owner;
+   a key that changed there was written (or deleted) by a client meanwhile, and since clients
+   write the previous owner first, re-applying what it now holds, until it stops changing,
+   guarantees a copy never shadows a newer client write. (For writers in other processes this
+   needs their writes and deletes to be durable in that order: buffered writes or an open
+   batch() there can commit the new owner first; in this process the gate covers them.)
 4. Publish the stable layout with the new targets (also to removed targets, so a config still
    naming one fails clearly), wait ``grace_seconds`` again, and sweep: every shard deletes the
    keys it no longer owns. A removed target thus keeps only tombstones and its layout object;
    its bucket or directory can be deleted by hand afterwards.
+
+Resuming: a run that finds the layout resharding waits ``grace_seconds`` before step 3 (the
+crash may have come right after step 2's publish); a sweep that finds stale copies (a crash
+after step 4's publish) waits it before deleting. A run that finds the stable layout already
+published completes step 4: it records the layout on shards a stopped publish did not reach
+and sweeps. Removed targets it can do that for only through a handle that still has them open
+(the one that ran the reshard): the stable layout no longer names them, so after a crash of
+the process their pieces are left for deletion by hand; nothing reads them.
 """
 
 from __future__ import annotations
@@ -34,7 +48,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from piecestore.errors import ConfigError, ConflictError
+from piecestore.errors import (
+    AlreadyExistsError,
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+    PreconditionFailedError,
+)
 from piecestore.sharding.layout import ShardLayout
 from piecestore.sharding.router import ShardTarget, coerce_targets, targets_fingerprint
 from piecestore.store import PieceStore
@@ -63,6 +83,9 @@ class ReshardReport:
     keys_copied: int  # pieces written by this run (< keys_moved when resuming)
     bytes_moved: int  # bytes written to new owners by this run
     keys_deleted: int  # stale copies removed from shards that no longer own them
+    # copies on new owners of pieces their previous owner no longer holds (deleted while the
+    # move was interrupted or racing it), removed before they could shadow the delete
+    keys_removed: int = 0
     counts_before: dict[str, int] = field(default_factory=dict)
     counts_after: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -80,14 +103,15 @@ class ReshardReport:
 class _Move:
     key: str
     size: int
-    src: PieceStore
-    dst: PieceStore
+    src: PieceStore  # previous owner: authoritative while resharding
+    dst: PieceStore  # new owner: made to match ``src``
 
 
 @dataclass
 class _Tally:
     moved: int = 0
     copied: int = 0
+    removed: int = 0
     bytes: int = 0
 
 
@@ -96,13 +120,19 @@ def _chunks(it: Iterator[str], n: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def sweep(owner: ShardedStore, routing: _Routing, stores: Sequence[PieceStore]) -> tuple[dict[str, int], int]:
+def sweep(
+    owner: ShardedStore, routing: _Routing, stores: Sequence[PieceStore], grace: float = 0.0
+) -> tuple[dict[str, int], int]:
     """Delete from each store the keys ``routing`` does not give it; (kept per store, deleted).
 
-    Safe at any time in a stable layout: readers and writers only touch owners.
+    Safe in a stable layout once other handles have adopted it: readers and writers only touch
+    owners. A caller that cannot know when the layout was published passes ``grace``: it is
+    waited before the first delete, so only when stale copies are found (a reshard stopped
+    after publishing it, maybe just before).
     """
     kept: dict[str, int] = {}
     deleted = 0
+    waited = False
     for store in stores:
         store.refresh()
         doomed: list[str] = []
@@ -114,6 +144,9 @@ def sweep(owner: ShardedStore, routing: _Routing, stores: Sequence[PieceStore]) 
                     count += 1
                 else:
                     doomed.append(key)
+        if doomed and not waited:
+            _wait(grace)
+            waited = True
         for start in range(0, len(doomed), _DELETE_BATCH):
             store.delete_many(doomed[start : start + _DELETE_BATCH])
         store.flush()
@@ -123,9 +156,15 @@ def sweep(owner: ShardedStore, routing: _Routing, stores: Sequence[PieceStore]) 
 
 
 def _plan(owner: ShardedStore, routing: _Routing) -> tuple[list[_Move], int, dict[str, int]]:
-    """The keys each old shard owned under the previous layout whose owner changes."""
+    """Every key whose owner changes that its previous owner or its new owner holds.
+
+    Keys on previous owners are the pieces to copy. Keys on new owners are copies made earlier
+    (by clients, or by a run that stopped before verifying them) that the previous owner may
+    have deleted or overwritten since: they must be compared too, or a resumed run would let
+    them shadow those changes. ``examined`` counts only the previous owners' keys.
+    """
     assert routing.prev_router is not None and routing.prev_stores is not None
-    moves: list[_Move] = []
+    moves: dict[str, _Move] = {}
     examined = 0
     counts: dict[str, int] = {}
     for store in routing.all_stores():
@@ -137,14 +176,15 @@ def _plan(owner: ShardedStore, routing: _Routing) -> tuple[list[_Move], int, dic
             prev = routing.prev_router.route_many(keys).tolist()
             new = routing.router.route_many(keys).tolist()
             for (key, size), p, n in zip(chunk, prev, new, strict=True):
-                if routing.prev_stores[p] is not store:
-                    continue  # a copy this shard received, or a stale one: not its to move
-                examined += 1
-                dst = routing.stores[n]
-                if dst is not store:
-                    moves.append(_Move(key, size, store, dst))
+                src, dst = routing.prev_stores[p], routing.stores[n]
+                if src is store:
+                    examined += 1
+                elif dst is not store:
+                    continue  # neither owner's: a stale copy the final sweep deletes
+                if src is not dst and (store is src or key not in moves):
+                    moves[key] = _Move(key, size, src, dst)  # the source's size when it has one
         counts[owner._identity(store)] = listed
-    return moves, examined, counts
+    return list(moves.values()), examined, counts
 
 
 def _chunks_info(store: PieceStore) -> Iterator[list[tuple[str, int]]]:
@@ -171,22 +211,39 @@ def _batches(moves: list[_Move], max_keys: int, max_bytes: int) -> Iterator[list
             yield batch
 
 
+def _apply(dst: PieceStore, puts: dict[str, bytes], gone: list[str]) -> None:
+    if puts:
+        dst.put_many(puts)
+    if gone:
+        dst.delete_many(gone)
+    if puts or gone:
+        dst.flush()
+
+
 def _copy_batch(store: ShardedStore, batch: list[_Move], tally: _Tally) -> None:
+    """Make the batch's new owner match its previous owner: copy what differs, drop what is gone.
+
+    The new owner is read before a fresh view of the previous owner, so a key the former holds
+    and the latter does not was deleted there (clients write the previous owner first): its
+    copy is stale and is deleted. The verify rounds then catch client writes that raced this.
+    """
     src, dst = batch[0].src, batch[0].dst
     keys = [m.key for m in batch]
     with store._gate.hold(keys):
         have = dst.get_many(keys, missing="skip")
+        src.refresh()
         values = src.get_many(keys, missing="skip")
-        todo = {k: v for k, v in values.items() if have.get(k) != v}
-        if todo:
-            dst.put_many(todo)
-            dst.flush()
+        puts = {k: v for k, v in values.items() if have.get(k) != v}
+        gone = [k for k in have if k not in values]
+        _apply(dst, puts, gone)
     tally.moved += len(values)
-    tally.copied += len(todo)
-    tally.bytes += sum(len(v) for v in todo.values())
+    tally.copied += len(puts)
+    tally.removed += len(gone)
+    tally.bytes += sum(len(v) for v in puts.values())
     # Verify against writers in other processes: they write the old owner first, so a key
-    # that changed there since we read it may have had its newer value overwritten by our copy.
-    written: dict[str, bytes | None] = dict(todo)
+    # that changed there since we read it may have had its newer value (or its delete)
+    # undone by what we wrote.
+    written: dict[str, bytes | None] = {**puts, **dict.fromkeys(gone)}
     for _round in range(_VERIFY_ROUNDS):
         if not written:
             return
@@ -196,14 +253,9 @@ def _copy_batch(store: ShardedStore, batch: list[_Move], tally: _Tally) -> None:
         if not changed:
             return
         with store._gate.hold(list(changed)):
-            puts = {k: v for k, v in changed.items() if v is not None}
-            gone = [k for k, v in changed.items() if v is None]
-            if puts:
-                dst.put_many(puts)
-            if gone:
-                dst.delete_many(gone)
-            dst.flush()
-        tally.bytes += sum(len(v) for v in puts.values())
+            again = {k: v for k, v in changed.items() if v is not None}
+            _apply(dst, again, [k for k, v in changed.items() if v is None])
+        tally.bytes += sum(len(v) for v in again.values())
         written = changed
     raise ConflictError(
         f"{len(written)} pieces kept changing on {src.url} while being moved to {dst.url}; "
@@ -251,9 +303,11 @@ def run_reshard(
         deleted = 0
         if current.state == "stable":
             if targets_fingerprint(new) == current.fingerprint:
-                # Nothing to move; a reshard stopped after its last publish left stale copies.
+                # Nothing to move; a reshard stopped during or after its last publish left stale
+                # copies, and maybe removed targets still recording it as running.
                 routing = store._routing
-                kept, deleted = sweep(store, routing, routing.all_stores())
+                removed, rewritten = _finish_publish(store, current)
+                kept, deleted = sweep(store, routing, routing.all_stores() + removed, grace)
                 return ReshardReport(
                     old_targets=tuple(t.identity for t in current.targets),
                     new_targets=tuple(t.identity for t in current.targets),
@@ -266,11 +320,12 @@ def run_reshard(
                     counts_before=kept,
                     counts_after=kept,
                     seconds=time.monotonic() - started,
+                    resumed=bool(deleted or rewritten),
                 )
             moving = current.begin_reshard(new)
             added = _check_new_targets(store, current, new)
             routing = store._routing
-            _, deleted = sweep(store, routing, routing.all_stores() + added)
+            _, deleted = sweep(store, routing, routing.all_stores() + added, grace)
             store._publish(moving)
             _wait(grace)
             resumed = False
@@ -283,6 +338,10 @@ def run_reshard(
                 )
             moving = current
             resumed = True
+            # The run that published this layout may have stopped before its grace period ran
+            # out: handles still routing by the stable layout would write the previous owners
+            # only, after the copy.
+            _wait(grace)
         routing = store._routing
         moves, examined, before = _plan(store, routing)
         total = len(moves)
@@ -313,6 +372,7 @@ def run_reshard(
         keys_copied=tally.copied,
         bytes_moved=tally.bytes,
         keys_deleted=deleted + swept,
+        keys_removed=tally.removed,
         counts_before=before,
         counts_after=after,
         seconds=time.monotonic() - started,
@@ -351,3 +411,32 @@ def _check_new_targets(
             )
         added.append(shard)
     return added
+
+
+def _finish_publish(store: ShardedStore, current: ShardLayout) -> tuple[list[PieceStore], int]:
+    """Complete step 4 for the shards this handle has open; (removed targets to sweep, rewritten).
+
+    A final publish that stopped partway leaves some shards recording the reshard to
+    ``current`` as running: record ``current`` there (compare-and-swap). A removed target
+    (it reaches them last) still holds its pieces, also when the stop came before the final
+    sweep; it is returned for the sweep. Only a handle that still has one open can find it:
+    the stable layout no longer names it.
+    """
+    named = {t.identity for t in current.targets}
+    removed: list[PieceStore] = []
+    rewritten = 0
+    with store._layout_lock:
+        for ident, recorded in store._read_layouts(list(store._stores)).items():
+            if recorded is None or recorded.fingerprint != current.fingerprint:
+                continue
+            if recorded.state == "resharding" and recorded.version + 1 == current.version:
+                try:
+                    store._write_layout(ident, current)
+                except (AlreadyExistsError, PreconditionFailedError, NotFoundError):
+                    continue  # it changed meanwhile: not this reshard's to finish
+                rewritten += 1
+            elif recorded.state != "stable" or recorded.version != current.version:
+                continue  # an older layout, or another reshard's: not this one's to finish
+            if ident not in named:
+                removed.append(store._stores[ident])
+    return removed, rewritten
