@@ -61,6 +61,9 @@ class Capabilities:
     max_request_bytes: int = 8 * 1024 * 1024
     concurrency: int = 8
     remote: bool = False
+    # granularity of ObjectMeta.last_modified, in seconds (S3 answers whole seconds): GC adds
+    # it to every age threshold, since each age is a difference of two such readings
+    timestamp_resolution: float = 0.0
 
     @property
     def conditional_writes(self) -> bool:

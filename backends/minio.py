@@ -224,6 +224,7 @@ class MinioBackend(Backend):
             max_request_bytes=8 * MiB,
             concurrency=settings.concurrency,
             remote=True,
+            timestamp_resolution=1.0,
         )
         verify = settings.tls_verify
         self._http = urllib3.PoolManager(

@@ -585,6 +585,7 @@ class S3Backend(Backend):
             max_request_bytes=8 * MiB,
             concurrency=settings.concurrency,
             remote=True,
+            timestamp_resolution=1.0,
         )
         self._loop = LoopThread(f"piecestore-s3-{location.bucket}")
         self._sem = asyncio.Semaphore(settings.concurrency)

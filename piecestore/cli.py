@@ -508,7 +508,11 @@ def get_cmd(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", metavar="FILE", help="write here instead of stdout", show_default=False
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="write here instead of stdout (- is stdout)",
+            show_default=False,
         ),
     ] = None,
     offset: Annotated[int, typer.Option(min=0, help="first byte to read")] = 0,
@@ -520,6 +524,8 @@ def get_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Read one piece (or a byte range of it) to stdout, or to a file with -o; checksums verified."""
+    if output is not None and str(output) == "-":
+        output = None  # `-o -`: standard output, as the usual convention has it
     with open_store(store, config, read_only=True) as s:
         status = _err().status(f"get {key[:60]}") if output is not None else contextlib.nullcontext()
         with status:
@@ -700,17 +706,71 @@ def gc_cmd(
 
 @_command(app, "fsck")
 def fsck_cmd(
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="restore a damaged or lost manifest from the manifest history (needs write access), "
+            "then check the repaired store",
+        ),
+    ] = False,
     store: StoreOpt = None,
     config: ConfigOpt = None,
     json_: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Verify every table, record and large piece the manifest reaches; exit 3 on any problem."""
-    with open_store(store, config, read_only=True) as s, _progress() as progress:
-        reports = _per_shard(s, "fsck", lambda fn, label: _call_with_progress(fn, _Hook(progress, label)))
+    """Verify every table, record and large piece the manifest reaches; exit 3 on any problem.
+
+    A manifest too damaged to open the store is reported with the version --repair restores.
+    """
+    settings = load_cli_settings(store, config)
+    with _progress() as progress:
+        if settings.sharding.targets or settings.sharding.shards:
+            reports = _fsck_sharded(store, config, settings, repair, progress)
+        else:
+            reports = [(None, _fsck_one(settings.store.url, config, repair, _Hook(progress, "fsck")))]
     _show_reports(reports, json_)
     if not all(_report_ok(r) for _, r in reports):
         raise typer.Exit(EXIT_CORRUPT)
+
+
+def _fsck_one(url: str, config: Path | None, repair: bool, hook: _Hook, *, shard: bool = False) -> Any:
+    """fsck of one (unsharded) store from its backend, so a damaged manifest cannot stop it.
+
+    Read-only unless repairing. ``shard``: the store is one shard of a sharded store.
+    """
+    from piecestore.api import open_store_backend
+    from piecestore.fsck import fsck_backend
+    from piecestore.sharding.layout import LAYOUT_OBJECT
+
+    settings = load_cli_settings(url, config, **({} if repair else {"store_read_only": True}))
+    backend = open_store_backend(settings.store.url, settings)
+    try:
+        if not shard and backend.exists(LAYOUT_OBJECT):
+            from piecestore.sharding.store import check_unsharded
+
+            check_unsharded(backend)  # one shard alone would miss every other shard's pieces
+    except BaseException:
+        backend.close()
+        raise
+    return fsck_backend(backend, settings, hook, repair=repair)
+
+
+def _fsck_sharded(
+    url: str | None, config: Path | None, settings: Settings, repair: bool, progress: Progress
+) -> list[tuple[str | None, Any]]:
+    """Each shard's fsck; if a shard's damaged manifest keeps the store from opening, shard by shard."""
+    try:
+        with open_store(url, config, read_only=not repair) as s:
+            return _per_shard(s, "fsck", lambda fn, label: _call_with_progress(
+                fn, _Hook(progress, label), repair=repair
+            ))  # fmt: skip
+    except CorruptionError:
+        pass
+    return [
+        (safe_url(shard_url), _fsck_one(shard_url, config, repair, _Hook(progress, f"fsck {i}"), shard=True))
+        for i, shard_url in enumerate(settings.shard_urls())
+    ]
 
 
 def _per_shard(

@@ -9,8 +9,11 @@ One pass, under the store's GC lease:
    live records only (NBS conjoin), committed by compare-and-swap; the replaced tables and the
    large-piece objects only dead records referenced become *pending deletes* in the manifest;
 4. delete pending deletes older than the grace period, and orphans (objects no manifest ever
-   referenced, from crashed writers) whose server LastModified is older than the grace period,
-   each re-checked just before deleting.
+   referenced, from crashed writers) whose server LastModified is older than the grace period.
+   Orphans go only after the sweep is announced in the manifest (piecestore.fence), and only
+   if the manifest it was announced on does not reference them: an upload that a writer may
+   still commit is never deleted. Only names this store generates are touched
+   (piecestore.names), never a nested store's objects.
 
 If listing or reading the manifest fails, nothing is deleted. Every step is idempotent: a GC
 killed at any point leaves work the next one finishes.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -33,8 +37,10 @@ import numpy as np
 
 from piecestore.backends import ObjectMeta
 from piecestore.errors import CorruptionError, NotFoundError, PieceStoreError
+from piecestore.fence import live_sessions, may_be_swept
 from piecestore.lease import Clock, Lease, server_clock
-from piecestore.manifest import BLOBS_PREFIX, TABLES_PREFIX, Manifest, TableSpec
+from piecestore.manifest import Manifest, TableSpec
+from piecestore.names import DATA_PREFIXES, is_data_object
 from piecestore.pacing import Pacer
 from piecestore.table import (
     EXTERNAL,
@@ -59,6 +65,7 @@ if TYPE_CHECKING:
 Progress = Callable[[str, int, int], None]
 
 PENDING_PREFIX = "gc/pending/"
+_PENDING_RECORD = re.compile(re.escape(PENDING_PREFIX) + r"\d{8}T\d{6}-[0-9a-f]{32}\.json\Z")
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,8 @@ def read_pending(backend: Any) -> list[PendingBatch]:
     """Every pending-delete record; a damaged one stops GC from deleting anything."""
     batches: list[PendingBatch] = []
     for meta in backend.list(PENDING_PREFIX):
+        if not _PENDING_RECORD.match(meta.name):
+            continue  # not ours: another store nested under this one's gc/pending/
         try:
             obj = json.loads(backend.get(meta.name))
             since = datetime.fromisoformat(obj["since"])
@@ -361,7 +370,10 @@ class GarbageCollector:
         try:
             scan_time = self.clock()
             listed = {
-                m.name: m for prefix in (TABLES_PREFIX, BLOBS_PREFIX) for m in self.backend.list(prefix)
+                m.name: m
+                for prefix in DATA_PREFIXES
+                for m in self.backend.list(prefix)
+                if is_data_object(m.name)
             }
             self.store.refresh()
             tables = self.store.tables.snapshot()
@@ -471,6 +483,8 @@ class GarbageCollector:
         uploads: list[Future[Any]] = []
         group: list[RawRecords] = []
         size = 0
+        # Outputs are uploads like a writer's: a sweep must not delete them before the swap.
+        stamp = self.store.session.stamp(self.store.manifest)
         reads, writes = self.store._read_pool, self.store._write_pool
         limit = self.store.settings.engine.write_concurrency
         # As few outputs as the target size allows, all of one size: the last one's upload is
@@ -533,6 +547,8 @@ class GarbageCollector:
         record = write_pending(self.backend, self.clock(), [table_object(n) for n in replaced] + dead_blobs)
 
         def swap(m: Manifest) -> Manifest | None:
+            if may_be_swept(stamp, m):
+                return None  # a sweep may have taken our outputs: drop the run, retry later
             names = [t.name for t in m.tables]
             try:
                 at = names.index(replaced[0])
@@ -578,35 +594,50 @@ class GarbageCollector:
         dry_run: bool,
         lease: Lease,
     ) -> None:
+        # An age is the difference of two server timestamps, each rounded to the store's
+        # resolution: every threshold is extended by it, so no age is ever overestimated.
+        res = timedelta(seconds=self.backend.capabilities.timestamp_resolution)
+        grace, held = self.grace + res, timedelta(seconds=self.lease_seconds) + res
         m = self.store.manifest
         referenced = {table_object(t.name) for t in m.tables} | self._referenced_blobs(m)
         # Read after the manifest: a compaction writes its record before its swap, so any name
         # that left the manifest we read is covered by a record we see here.
         batches = read_pending(self.backend)
         pending_names = {n for b in batches for n in b.names}
-        due = [b for b in batches if scan_time - b.since >= self.grace]
+        due = [b for b in batches if scan_time - b.since >= grace]
         for b in batches:
             if b not in due:
                 waiting = [n for n in b.names if n not in referenced]
                 report.pending_delete += len(waiting)
                 report.pending_delete_bytes += sum(listed[n].size for n in waiting if n in listed)
+        # Listed after the objects: a writer renews its session before it uploads (fence).
+        live = live_sessions(self.backend, scan_time, held.total_seconds(), remove_stale=not dry_run)
+        spare = held if live else timedelta(0)
         orphans: list[ObjectMeta] = []
         for name, meta in listed.items():
             if name in referenced or name in pending_names:
                 continue
             report.orphaned += 1
             report.orphaned_bytes += meta.size
-            if meta.last_modified > scan_time or scan_time - meta.last_modified < self.grace:
+            age = scan_time - meta.last_modified
+            if age < grace or age < spare:
                 report.skipped += 1
                 if len(report.skipped_reasons) < 20:
-                    report.skipped_reasons.append(f"{name}: orphan younger than the grace period")
+                    why = "the grace period" if age < grace else "the lease, while writers are live"
+                    report.skipped_reasons.append(f"{name}: orphan younger than {why}")
                 continue
             orphans.append(meta)
         if dry_run:
             return
         lease.renew()
-        # Re-check against the newest manifest just before deleting.
-        self.store.refresh()
+        if orphans:
+            # Announce the sweep before deleting any orphan (piecestore.fence): a writer that
+            # commits after this sees it and does not reference an upload we may delete; one
+            # that committed before is in the manifest we announce on, checked below.
+            grace_s, lease_s = self.grace.total_seconds(), self.lease_seconds
+            self.store._commit(lambda m: m.announce_sweep(grace_s, lease_s))
+        else:
+            self.store.refresh()  # re-check against the newest manifest just before deleting
         m = self.store.manifest
         referenced = {table_object(t.name) for t in m.tables} | self._referenced_blobs(m)
         total = sum(len(b.names) for b in due) + len(orphans)

@@ -6,6 +6,11 @@ committer makes uploaded batches durable with one manifest compare-and-swap, sev
 when they queue up, so the next batch's upload overlaps this batch's commit. Batches commit
 strictly in the order they were taken, so a later put of a key always shadows an earlier one
 from the same process.
+
+Reads in this process see an uncommitted record only once it has been acknowledged, that is
+when it was submitted without waiting (buffered writes, ``store.batch()``). A record whose put
+still waits for its commit is invisible until the commit lands: if the commit fails, no reader
+has seen a value that was never acknowledged.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ _PREPARING, _PREPARED, _COMMITTING = 0, 1, 2
 @dataclass(eq=False)  # identity: a batch is removed from the pipeline as itself
 class Batch:
     records: dict[str, Record] = field(default_factory=dict)
+    # the records already acknowledged (submitted without waiting): what readers may see
+    visible: dict[str, Record] = field(default_factory=dict)
+    # opaque marks handed in with submissions (the store's upload stamps), for prepare_fn
+    marks: list[Any] = field(default_factory=list)
     nbytes: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -57,6 +66,14 @@ class Batch:
         self.records.update(records)
         self.nbytes += sum([len(record[1]) + len(key) for key, record in records.items()])
 
+    def add_submission(self, records: dict[str, Record], *, acknowledged: bool, mark: Any) -> None:
+        self.add_many(records)
+        # An unacknowledged record leaves an older acknowledged one of its key visible.
+        if acknowledged:
+            self.visible.update(records)
+        if mark is not None:
+            self.marks.append(mark)
+
     def wait(self) -> None:
         self.done.wait()
         if self.error is not None:
@@ -66,13 +83,14 @@ class Batch:
 class GroupCommitter:
     """Collects records; ``prepare_fn`` uploads a batch, ``commit_fn`` commits uploaded batches.
 
-    ``commit_fn`` receives the prepared results of one or more consecutive batches, oldest
-    first, and must make them durable together or raise.
+    ``prepare_fn`` receives a batch's records and the marks submitted with them; ``commit_fn``
+    receives the prepared results of one or more consecutive batches, oldest first, and must
+    make them durable together or raise.
     """
 
     def __init__(
         self,
-        prepare_fn: Callable[[dict[str, Record]], Any],
+        prepare_fn: Callable[[dict[str, Record], list[Any]], Any],
         commit_fn: Callable[[list[Any]], None],
         *,
         linger: float,
@@ -102,8 +120,13 @@ class GroupCommitter:
         self._committer.start()
 
     # -- producers ---------------------------------------------------------------------
-    def submit(self, records: dict[str, Record], *, wait: bool, urgent: bool = False) -> Batch:
-        """Add records to the open batch; with ``wait``, return once they are committed."""
+    def submit(
+        self, records: dict[str, Record], *, wait: bool, urgent: bool = False, mark: Any = None
+    ) -> Batch:
+        """Add records to the open batch; with ``wait``, return once they are committed.
+
+        Without ``wait`` the records count as acknowledged: reads see them from now on.
+        """
         with self._cond:
             if self._stopping:
                 raise RuntimeError("store is closed")
@@ -113,7 +136,7 @@ class GroupCommitter:
                 self._cond.notify_all()
                 self._cond.wait(0.05)
             batch = self._open
-            batch.add_many(records)
+            batch.add_submission(records, acknowledged=not wait, mark=mark)
             if wait:
                 batch.waiters += 1
             if urgent:
@@ -140,23 +163,23 @@ class GroupCommitter:
             raise error
 
     def lookup(self, key: str) -> Record | None:
-        """Read-your-writes: the newest uncommitted record of ``key``, if any."""
+        """Read-your-writes: the newest acknowledged, uncommitted record of ``key``, if any."""
         with self._cond:
-            record = self._open.records.get(key)
+            record = self._open.visible.get(key)
             if record is not None:
                 return record
             for batch in reversed(self._pipeline):
-                record = batch.records.get(key)
+                record = batch.visible.get(key)
                 if record is not None:
                     return record
         return None
 
     def pending(self) -> dict[str, Record]:
-        """Uncommitted records (newest wins), for listing."""
+        """Acknowledged, uncommitted records (newest wins), for listing."""
         with self._cond:
             merged: dict[str, Record] = {}
             for batch in (*self._pipeline, self._open):
-                merged.update(batch.records)
+                merged.update(batch.visible)
         return merged
 
     def busy(self) -> bool:
@@ -203,7 +226,7 @@ class GroupCommitter:
                 batch, self._open = self._open, Batch()
                 self._pipeline.append(batch)
             try:
-                prepared = self._prepare_fn(batch.records)
+                prepared = self._prepare_fn(batch.records, batch.marks)
             except BaseException as e:  # handed to every waiter of this batch
                 self._finish([batch], e)
             else:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from piecestore.errors import InvalidKeyError, InvalidValueError
 
@@ -36,6 +37,7 @@ def check_value(key: str, value: object) -> bytes | BinaryIO:
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     if hasattr(value, "read") and hasattr(value, "seek") and not isinstance(value, str):
+        _check_stream(key, value)
         return value  # type: ignore[return-value]
     hint = "; encode it first, e.g. value.encode()" if isinstance(value, str) else ""
     raise InvalidValueError(
@@ -79,6 +81,64 @@ def check_items(items: object) -> list[tuple[str, bytes | BinaryIO]]:
         if type(value) is not bytes:
             pairs[pos] = (key, check_value(key, value))
     return pairs
+
+
+def _check_stream(key: str, stream: object) -> None:
+    """Refuse, before anything is written, a file object that cannot give bytes."""
+    if isinstance(stream, io.TextIOBase):
+        raise InvalidValueError(
+            f"the file object given for piece {key[:60]!r} is in text mode; open it in binary mode ('rb')"
+        )
+    readable = getattr(stream, "readable", None)
+    if readable is None:
+        return
+    try:
+        ok = readable()
+    except ValueError as e:  # closed
+        raise InvalidValueError(f"the file object given for piece {key[:60]!r} is closed ({e})") from e
+    if not ok:
+        raise InvalidValueError(
+            f"the file object given for piece {key[:60]!r} is not readable (opened for writing?); "
+            "open it with 'rb'"
+        )
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> Any: ...
+
+
+def read_some(key: str, stream: Readable, n: int) -> bytes:
+    """One read of at most ``n`` bytes (all, if ``n`` < 0); b"" only at the end of the stream.
+
+    A non-blocking stream with nothing to give (``None``) and a stream that cannot be read
+    are refused with InvalidValueError, never taken for the end of the value.
+    """
+    try:
+        chunk = stream.read(n)
+    except (io.UnsupportedOperation, ValueError) as e:  # not readable, or closed meanwhile
+        raise InvalidValueError(f"the file object given for piece {key[:60]!r} cannot be read ({e})") from e
+    if chunk is None:
+        raise InvalidValueError(
+            f"the file object given for piece {key[:60]!r} is non-blocking and had no data ready; "
+            "pass a blocking stream (or the bytes)"
+        )
+    return check_read(key, chunk)
+
+
+def read_exact(key: str, stream: Readable, n: int) -> bytes:
+    """``n`` bytes, or fewer only at the end of the stream: pipes and sockets return short reads."""
+    first = read_some(key, stream, n)
+    if len(first) >= n or not first:
+        return first
+    parts = [first]
+    got = len(first)
+    while got < n:
+        more = read_some(key, stream, n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def check_read(key: str, chunk: object) -> bytes:

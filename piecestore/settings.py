@@ -309,7 +309,10 @@ class EngineSettings(_Group):
         default=None, ge=1, description="largest merged ranged read; auto = driver default"
     )
     refresh_interval_seconds: float = Field(
-        default=5.0, ge=0, description="re-read the manifest this often; 0 = before every read"
+        default=5.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="re-read the manifest this often; 0 = before every read",
     )
     commit_retries: int = Field(
         default=50, ge=0, le=10_000, description="manifest compare-and-swap attempts before ConflictError"
@@ -328,7 +331,11 @@ class GcSettings(_Group):
     """Garbage collection: trash first, delete after the grace period, compact sparse tables."""
 
     grace_seconds: float = Field(
-        default=3600.0, ge=0, description="keep unreferenced objects this long before deleting"
+        default=3600.0,
+        ge=0,
+        le=10 * 365 * 86400,  # ten years: beyond that a date overflows, and nothing is ever reclaimed
+        allow_inf_nan=False,
+        description="keep unreferenced objects this long before deleting",
     )
     dead_fraction: float = Field(
         default=0.3, gt=0, le=1, description="compact a table once this fraction of it is dead"

@@ -14,7 +14,6 @@ import heapq
 import io
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from piecestore.backends.base import validate_range
 from piecestore.cache import ByteLRU
 from piecestore.diskcache import DiskCache
 from piecestore.errors import (
+    ConflictError,
     CorruptionError,
     InvalidKeyError,
     InvalidValueError,
@@ -35,9 +35,11 @@ from piecestore.errors import (
     ReadOnlyError,
     UnsupportedError,
 )
+from piecestore.fence import SweptError, UploadStamp, WriterSession, may_be_swept
 from piecestore.groupcommit import GroupCommitter, Record
-from piecestore.keys import check_items, check_key, check_keys, check_read, check_value
-from piecestore.manifest import BLOBS_PREFIX, Manifest, ManifestStore, ManifestView, TableSpec
+from piecestore.keys import check_items, check_key, check_keys, check_value, read_exact, read_some
+from piecestore.manifest import Manifest, ManifestStore, ManifestView, TableSpec
+from piecestore.names import new_blob_name
 from piecestore.pacing import foreground_write
 from piecestore.table import (
     EXTERNAL,
@@ -65,6 +67,9 @@ if TYPE_CHECKING:
     from piecestore.settings import Settings
 
 EXTERNAL_CHUNK = 1024 * 1024
+# How often a commit whose uploads a GC sweep may have reached uploads them again (new names)
+# before it gives up; each round needs another sweep announced during one upload and commit.
+SWEPT_RETRIES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +114,7 @@ class PieceStore:
         self._last_full_gc = time.monotonic()
         self._compacted_since_full_gc = False
         self._writable_reason = self._why_not_writable(settings)
+        self.session = WriterSession(backend, settings.gc.lease_seconds)  # created on first upload
         self._committer = GroupCommitter(
             self._prepare_batch,
             self._commit_batches,
@@ -135,9 +141,10 @@ class PieceStore:
         data = check_value(key, value)
         self._check_writable()
         records: dict[str, Record] = {}
-        info = self._prepare(key, data, records)
+        stamps: list[UploadStamp] = []
+        info = self._prepare(key, data, records, stamps)
         with foreground_write():
-            self._committer.submit(records, wait=self._must_wait())
+            self._committer.submit(records, wait=self._must_wait(), mark=_earliest(stamps))
         return info
 
     def put_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[PieceInfo]:
@@ -145,11 +152,18 @@ class PieceStore:
         values = check_items(items)
         self._check_writable()
         records: dict[str, Record] = {}
+        stamps: list[UploadStamp] = []
         prepare = self._prepare
-        infos = [prepare(key, data, records) for key, data in values]
+        try:
+            infos = [prepare(key, data, records, stamps) for key, data in values]
+        except BaseException:
+            # A later value was refused (or its stream failed): nothing of the call is written,
+            # so the large pieces already uploaded for it go now rather than wait for GC.
+            self._drop_uploaded(records)
+            raise
         if records:
             with foreground_write():
-                self._committer.submit(records, wait=self._must_wait(), urgent=True)
+                self._committer.submit(records, wait=self._must_wait(), urgent=True, mark=_earliest(stamps))
         return infos
 
     def delete(self, key: str) -> None:
@@ -190,30 +204,93 @@ class PieceStore:
                 raise ReadOnlyError(f"cannot write: {self._writable_reason}")
             raise UnsupportedError(f"cannot write: {self._writable_reason}")
 
-    def _prepare(self, key: str, data: bytes | BinaryIO, into: dict[str, Record]) -> PieceInfo:
-        """Put the piece's record in ``into`` (a large piece is uploaded first); its PieceInfo."""
+    def _prepare(
+        self, key: str, data: bytes | BinaryIO, into: dict[str, Record], stamps: list[UploadStamp]
+    ) -> PieceInfo:
+        """Put the piece's record in ``into`` (a large piece is uploaded first, its upload
+        stamped in ``stamps``); its PieceInfo."""
         limit = self.settings.engine.small_piece_max_bytes
         if isinstance(data, bytes) and len(data) <= limit:
             into[key] = (VALUE, data)
             return PieceInfo(key, len(data), checksum(data))
         stream = io.BytesIO(data) if isinstance(data, bytes) else data
-        head = check_read(key, stream.read(limit + 1))
+        # Read to the limit or the end of the stream: a pipe or socket may return less.
+        head = read_exact(key, stream, limit + 1)
         if len(head) <= limit:
             into[key] = (VALUE, head)
             return PieceInfo(key, len(head), checksum(head))
-        into[key], info = self._write_external(key, head, stream)
+        old = into.get(key)
+        into[key], info = self._write_external(key, head, stream, stamps)
+        if old is not None:
+            self._drop_uploaded({key: old})  # the same key twice in one put_many
         return info
 
-    def _write_external(self, key: str, head: bytes, stream: BinaryIO) -> tuple[Record, PieceInfo]:
+    def _write_external(
+        self, key: str, head: bytes, stream: BinaryIO, stamps: list[UploadStamp]
+    ) -> tuple[Record, PieceInfo]:
         """Stream a large piece to its own object, checksumming each chunk on the way."""
-        reader = _ChunkSummer(head, stream, EXTERNAL_CHUNK)
-        name = f"{BLOBS_PREFIX}{uuid.uuid4().hex}"
-        self.backend.put(name, reader)  # type: ignore[arg-type]
+        reader = _ChunkSummer(key, head, stream, EXTERNAL_CHUNK)
+        name = new_blob_name()
+        stamps.append(self.session.stamp(self._view.manifest))
+        try:
+            self.backend.put(name, reader)  # type: ignore[arg-type]
+        except BaseException:
+            with contextlib.suppress(PieceStoreError):
+                self.backend.delete(name)  # a stream that failed midway may have left a part
+            raise
         payload = encode_external(name, reader.size, EXTERNAL_CHUNK, reader.sums)
         return (EXTERNAL, payload), PieceInfo(key, reader.size, None, None, external=True)
 
-    def _prepare_batch(self, records: dict[str, Record]) -> _Uploaded:
-        """Build table files from a batch and upload them; the committer makes them durable."""
+    def _drop_uploaded(self, records: Mapping[str, Record]) -> None:
+        """Delete the large-piece objects of records that will never be committed (best effort)."""
+        names = [decode_external(p).obj_name for kind, p in records.values() if kind == EXTERNAL]
+        if names:
+            with contextlib.suppress(PieceStoreError):
+                self.backend.delete_many(names)
+
+    def _copy_external(self, key: str, payload: bytes) -> bytes:
+        """Copy a large piece's object to a new name (its uploads may have been swept); the new
+        record payload. The copy is checked chunk by chunk against the record's checksums."""
+        ref = decode_external(payload)
+        name = new_blob_name()
+        source = _ChunkSummer(key, b"", _ChunkStream(self.backend.iter_chunks(ref.obj_name, ref.chunk_bytes)),
+                              ref.chunk_bytes)  # fmt: skip
+        try:
+            self.backend.put(name, source)  # type: ignore[arg-type]
+        except PieceStoreError as e:
+            with contextlib.suppress(PieceStoreError):
+                self.backend.delete(name)
+            if isinstance(e, NotFoundError) or not self.backend.exists(ref.obj_name):
+                raise ConflictError(
+                    f"large piece {key[:80]!r} was deleted from {self.url} by a GC sweep before its commit "
+                    "could land: it was held uncommitted past the grace period and half the GC lease "
+                    "(a long batch or buffered write, or a stalled process); nothing was acknowledged: "
+                    "put it again"
+                ) from e
+            raise
+        if source.size != ref.size or source.sums != list(ref.chunk_checksums):
+            self.backend.delete(name)
+            raise CorruptionError(
+                f"large piece {key[:80]!r}: its object {ref.obj_name} changed before its commit; "
+                "nothing was acknowledged: put it again"
+            )
+        return encode_external(name, ref.size, ref.chunk_bytes, list(ref.chunk_checksums))
+
+    def _prepare_batch(self, records: dict[str, Record], marks: list[Any]) -> _Uploaded:
+        """Build table files from a batch and upload them; the committer makes them durable.
+
+        ``marks`` are the upload stamps of the batch's large pieces.
+        """
+        stamp = self.session.stamp(self._view.manifest)
+        for mark in marks:
+            stamp = stamp.earliest(mark)
+        built = self._build_tables(records)
+        # The committer waits for the uploads: the flusher goes on to build the next batch.
+        uploads = [self._write_pool.submit(self._upload, t) for t in built]
+        return _Uploaded(records, built, [self.tables.add_built(t) for t in built], uploads, stamp)
+
+    def _build_tables(self, records: dict[str, Record]) -> list[BuiltTable]:
+        """Table files of the target size holding ``records`` (each build named anew)."""
         target = self.settings.engine.table_target_bytes
         groups: list[list[str]] = [[]]
         size = 0
@@ -224,38 +301,67 @@ class PieceStore:
                 size = 0
             groups[-1].append(key)
             size += len(payload) + len(key)
-        built = [build_sorted(keys, records) for keys in groups]  # keys and values checked on put
-        # The committer waits for the uploads: the flusher goes on to build the next batch.
-        started = time.monotonic()
-        uploads = [self._write_pool.submit(self._upload, t) for t in built]
-        return _Uploaded(built, [self.tables.add_built(t) for t in built], uploads, started)
+        return [build_sorted(keys, records) for keys in groups]  # keys and values checked on put
 
     def _commit_batches(self, batches: list[_Uploaded]) -> None:
         """Commit the tables of several batches (oldest first) with one manifest CAS.
 
-        A failed upload fails every batch of the call: none of them is acknowledged.
+        A failed upload fails every batch of the call: none of them is acknowledged. A commit
+        never references an upload that a GC sweep may have deleted (piecestore.fence): if a
+        sweep was announced since the uploads began, they are made again under new names.
         """
-        newest_first = tuple(spec for batch in reversed(batches) for spec in batch.specs)
-
-        def add_tables(m: Manifest) -> Manifest:
-            # Within one batch later groups hold later keys only, so their order is immaterial.
-            return dataclasses.replace(m, tables=newest_first + m.tables)
-
+        made = [spec.name for batch in batches for spec in batch.specs]
         try:
             for batch in batches:
                 for upload in batch.uploads:
                     upload.result()
-                # GC deletes unreferenced tables older than the grace period; a writer that
-                # stalled that long before its commit uploads again rather than commit a
-                # dangling name.
-                if time.monotonic() - batch.uploaded_at > self.settings.gc.grace_seconds / 2:
-                    list(self._write_pool.map(self._upload, batch.built))
-            self._commit(add_tables)
+            for _attempt in range(SWEPT_RETRIES):
+                stamp = batches[0].stamp
+                for batch in batches[1:]:
+                    stamp = stamp.earliest(batch.stamp)
+                newest_first = tuple(spec for batch in reversed(batches) for spec in batch.specs)
+
+                def add_tables(m: Manifest, stamp: UploadStamp = stamp,
+                               tables: tuple[TableSpec, ...] = newest_first) -> Manifest | None:  # fmt: skip
+                    if tables and tables[0].name in {t.name for t in m.tables}:
+                        return None  # landed already: a retried request whose answer was lost
+                    if may_be_swept(stamp, m):
+                        raise SweptError("a GC sweep may have reached this commit's uploads", m.sweep)
+                    # Within one batch later groups hold later keys only: their order is immaterial.
+                    return dataclasses.replace(m, tables=tables + m.tables)
+
+                try:
+                    self._commit(add_tables)
+                    break
+                except SweptError as swept:
+                    replaced = [self._upload_again(batch, swept.sweep) for batch in batches]
+                    for old in batches:
+                        self._drop_uploaded(old.records)
+                    self.tables.discard(made)
+                    batches = replaced
+                    made = [spec.name for batch in batches for spec in batch.specs]
+            else:
+                raise ConflictError(
+                    f"{self.url}: GC sweeps kept reaching this commit's uploads ({SWEPT_RETRIES} rounds); "
+                    "nothing was acknowledged: retry, or raise gc.grace_seconds"
+                )
         except BaseException:
-            self.tables.discard(spec.name for spec in newest_first)
+            self.tables.discard(made)
             raise
         if self.settings.gc.auto_compact:
             self._maybe_auto_compact()
+
+    def _upload_again(self, batch: _Uploaded, sweep: int) -> _Uploaded:
+        """The batch's objects made anew under new names, begun after sweep ``sweep`` was seen."""
+        stamp = self.session.stamp(dataclasses.replace(self._view.manifest, sweep=sweep))
+        records = {
+            key: (kind, self._copy_external(key, payload)) if kind == EXTERNAL else (kind, payload)
+            for key, (kind, payload) in batch.records.items()
+        }
+        built = self._build_tables(records)
+        specs = [self.tables.add_built(t) for t in built]
+        list(self._write_pool.map(self._upload, built))
+        return _Uploaded(records, built, specs, [], stamp)
 
     def _maybe_auto_compact(self) -> None:
         """Start a background compaction when tables pile up; one at a time per process."""
@@ -309,21 +415,31 @@ class PieceStore:
         self._install(view)
         return view
 
-    def _install(self, view: ManifestView) -> None:
+    def _install(self, view: ManifestView) -> list[str]:
+        """Adopt ``view`` unless ours is newer; the listed tables found missing from the store."""
         with self._view_lock:
             if view.manifest.version < self._view.manifest.version:
-                return
-            self.tables.sync(view.manifest.tables)
+                return []
+            missing = self.tables.sync(view.manifest.tables)
             self._view = view
+            return missing
 
     # -- reads ---------------------------------------------------------------------------
     def refresh(self) -> None:
         """Pick up commits made by other processes."""
-        self._install(self.manifests.read())
+        for _attempt in range(3):
+            if not self._install(self.manifests.read()):
+                return
+            # A listed table was missing when its index was fetched: removed (compaction, then
+            # GC) between our manifest read and the fetch. A newer manifest no longer lists it.
 
     def _maybe_refresh(self) -> None:
+        """Refresh a view older than the refresh interval, or than the grace period: past that,
+        GC may have deleted objects the view names, and the caches would hide it."""
         interval = self.settings.engine.refresh_interval_seconds
-        if interval >= 0 and time.monotonic() - self._view.read_at > interval:
+        grace = self.settings.gc.grace_seconds
+        max_age = grace if interval < 0 else min(interval, grace)
+        if time.monotonic() - self._view.read_at > max_age:
             self.refresh()
 
     def _read_at(self, loc: _Location, key: str) -> Record | None:
@@ -391,6 +507,18 @@ class PieceStore:
         """Read a piece, or a range of it; every byte returned passed its checksum."""
         key = check_key(key)
         offset, length = validate_range(offset, length)
+        try:
+            return self._get(key, offset, length)
+        except _StaleView:  # a large piece's object left with its record (GC): look again
+            self.refresh()
+        try:
+            return self._get(key, offset, length)
+        except _StaleView as e:
+            raise CorruptionError(
+                f"piece {key[:80]!r} in {self.url}: its object {e} is missing; run `piecestore fsck`"
+            ) from e
+
+    def _get(self, key: str, offset: int, length: int | None) -> bytes:
         kind, payload, _ = self._resolve(key)
         if kind == TOMBSTONE:
             raise NotFoundError(f"piece {key[:80]!r} not found in {self.url} (deleted)")
@@ -412,10 +540,7 @@ class PieceStore:
         try:
             chunks = self.backend.get_ranges(ref.obj_name, spans)
         except NotFoundError as e:
-            raise CorruptionError(
-                f"piece {key[:80]!r} in {self.url}: its object {ref.obj_name} is missing; "
-                "run `piecestore fsck`"
-            ) from e
+            raise _StaleView(ref.obj_name) from e
         for i, chunk in zip(range(first, last + 1), chunks, strict=True):
             if len(chunk) != spans[i - first][1] or checksum(chunk) != ref.chunk_checksums[i]:
                 raise CorruptionError(
@@ -441,7 +566,7 @@ class PieceStore:
             return self._get_many(wanted, missing)
         except _StaleView as e:
             raise CorruptionError(
-                f"{self.url}: table {e} is listed in the manifest but missing; run `piecestore fsck`"
+                f"{self.url}: object {e}, which the manifest references, is missing; run `piecestore fsck`"
             ) from e
 
     def _get_many(self, wanted: list[str], missing: str) -> dict[str, bytes]:
@@ -643,12 +768,16 @@ class PieceStore:
             self.flush()
         return GarbageCollector(self, clock=clock, progress=progress).run(dry_run=dry_run, compact=compact)
 
-    def fsck(self, progress: Callable[[int, int], None] | None = None) -> FsckReport:
-        """Verify every checksum, manifest reference and index; report exactly what is wrong."""
+    def fsck(self, progress: Callable[[int, int], None] | None = None, *, repair: bool = False) -> FsckReport:
+        """Verify every checksum, manifest reference and index; report exactly what is wrong.
+
+        ``repair`` restores a damaged manifest from the versions kept for the purpose.
+        """
         from piecestore.fsck import fsck
 
-        self.flush()
-        return fsck(self, progress)
+        if not repair:
+            self.flush()
+        return fsck(self, progress, repair=repair)
 
     def profile(self) -> Any:
         """Piece counts, size histogram, tables, cache hit rates (see piecestore.profile)."""
@@ -672,6 +801,7 @@ class PieceStore:
             self._closed = True
             self._read_pool.shutdown(wait=True)
             self._write_pool.shutdown(wait=True)
+            self.session.close()
             self.backend.close()
 
     def __enter__(self) -> PieceStore:
@@ -688,20 +818,46 @@ class PieceStore:
 class _Uploaded:
     """A batch's table files, uploading or uploaded, waiting to be committed."""
 
+    records: dict[str, Record]  # what the tables hold, to build them again if a sweep may reach them
     built: list[BuiltTable]
     specs: list[TableSpec]  # their manifest entries, in the same order
     uploads: list[Future[None]]  # one per table; the committer waits for them
-    uploaded_at: float  # monotonic, when the uploads started (so never later than they ended)
+    stamp: UploadStamp  # when the earliest of its uploads (large pieces included) began
+
+
+def _earliest(stamps: Sequence[UploadStamp]) -> UploadStamp | None:
+    out: UploadStamp | None = None
+    for stamp in stamps:
+        out = stamp.earliest(out)
+    return out
 
 
 class _StaleView(Exception):
-    """A table named by our view of the manifest is gone: refresh and look again."""
+    """An object named by our view of the manifest is gone: refresh and look again."""
+
+
+class _ChunkStream:
+    """A file-like reader over an iterator of chunks (a stored object read back in pieces)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._left = b""
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._left:
+            self._left = next(self._chunks, b"")
+        if n < 0 or n >= len(self._left):
+            out, self._left = self._left, b""
+        else:
+            out, self._left = self._left[:n], self._left[n:]
+        return out
 
 
 class _ChunkSummer:
     """A file-like reader that checksums fixed-size chunks as the driver streams them."""
 
-    def __init__(self, head: bytes, rest: BinaryIO, chunk: int) -> None:
+    def __init__(self, key: str, head: bytes, rest: BinaryIO | _ChunkStream, chunk: int) -> None:
+        self._key = key
         self._head = head
         self._rest = rest
         self._chunk = chunk
@@ -714,12 +870,11 @@ class _ChunkSummer:
             if n < 0 or n >= len(self._head):
                 out, self._head = self._head, b""
                 if n > len(out) or n < 0:
-                    more = self._rest.read(-1 if n < 0 else n - len(out))
-                    out += more or b""
+                    out += read_some(self._key, self._rest, -1 if n < 0 else n - len(out))
             else:
                 out, self._head = self._head[:n], self._head[n:]
         else:
-            out = self._rest.read(n) or b""
+            out = read_some(self._key, self._rest, n)
         self._account(out)
         return out
 

@@ -114,8 +114,12 @@ class TableSet:
                 if self._unpublished.pop(name, None) is not None:
                     self._indexes.pop(name, None)
 
-    def sync(self, specs: Sequence[TableSpec]) -> None:
-        """Make the loaded set match a manifest: load new indexes concurrently, drop old ones."""
+    def sync(self, specs: Sequence[TableSpec]) -> list[str]:
+        """Make the loaded set match a manifest: load new indexes concurrently, drop old ones.
+
+        Returns the names of listed tables found missing from the store: removed since the
+        manifest was read (then a newer manifest no longer lists them), or lost.
+        """
         with self._lock:  # broken indexes are retried: the damage may have been repaired
             missing = [s for s in specs if not isinstance(self._indexes.get(s.name), TableIndex)]
         loaded = list(self._pool.map(self._load, missing))
@@ -132,6 +136,11 @@ class TableSet:
             for name in [n for n in self._indexes if n not in wanted and n not in self._unpublished]:
                 del self._indexes[name]
             self._order = tuple(specs)
+        return [
+            spec.name
+            for spec, index in zip(missing, loaded, strict=True)
+            if isinstance(index, BrokenIndex) and isinstance(index.error, NotFoundError)
+        ]
 
     def _load(self, spec: TableSpec) -> TableIndex:
         try:

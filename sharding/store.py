@@ -50,7 +50,7 @@ from piecestore.errors import (
     PreconditionFailedError,
     ReadOnlyError,
 )
-from piecestore.keys import check_key, check_value
+from piecestore.keys import check_key, check_value, read_some
 from piecestore.manifest import MANIFEST_NAME
 from piecestore.sharding.layout import LAYOUT_OBJECT, ShardLayout, check_matches
 from piecestore.sharding.router import Router, ShardTarget, coerce_targets, targets_fingerprint
@@ -216,12 +216,12 @@ class _WriteGate:
                 self._cond.notify_all()
 
 
-def _materialize(data: bytes | BinaryIO) -> bytes:
+def _materialize(key: str, data: bytes | BinaryIO) -> bytes:
     """A stream can be written once; a value written to two shards must be bytes."""
     if isinstance(data, bytes):
         return data
     buf = io.BytesIO()
-    while chunk := data.read(1024 * 1024):
+    while chunk := read_some(key, data, 1024 * 1024):  # b"" only at the end of the stream
         buf.write(chunk)
     return buf.getvalue()
 
@@ -452,7 +452,7 @@ class ShardedStore:
             owner, prev = self._routing.place(key)
             if prev is None:
                 return owner.put(key, data)
-            data = _materialize(data)
+            data = _materialize(key, data)
             prev.put(key, data)
             return owner.put(key, data)
 
@@ -474,7 +474,7 @@ class ShardedStore:
             stores: dict[int, PieceStore] = {}
             for pos, ((key, data), owner, prev) in enumerate(zip(values, owners, prevs, strict=True)):
                 if prev is not None:
-                    data = _materialize(data)
+                    data = _materialize(key, data)
                     values[pos] = (key, data)
                     stores[id(prev)] = prev
                     first.setdefault(id(prev), []).append((key, data))

@@ -88,14 +88,14 @@ def test_orphans_reclaimed_after_grace_and_not_before(store: PieceStore) -> None
     store.put("live", b"1")
     orphan_table = build_table([("ghost", 0, b"never committed")])
     store.backend.put(TABLES_PREFIX + orphan_table.name, orphan_table.data)  # a writer died here
-    store.backend.put(BLOBS_PREFIX + "deadbeef", b"z" * 1000)
+    store.backend.put(BLOBS_PREFIX + "deadbeef" * 4, b"z" * 1000)
     early = store.gc(clock=later(30))  # grace is 60 s
     assert early.orphaned == 2 and early.deleted == 0
     assert store.backend.exists(TABLES_PREFIX + orphan_table.name)
     late = store.gc(clock=later(61))
     assert late.deleted == 2
     assert not store.backend.exists(TABLES_PREFIX + orphan_table.name)
-    assert not store.backend.exists(BLOBS_PREFIX + "deadbeef")
+    assert not store.backend.exists(BLOBS_PREFIX + "deadbeef" * 4)
     assert store.get("live") == b"1"
 
 

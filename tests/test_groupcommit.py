@@ -25,14 +25,16 @@ class Recorder:
         self.in_commit = threading.Event()
         self.fail_prepare: set[str] = set()
         self.fail_commit = False
+        self.marks: list[list[Any]] = []
         self.lock = threading.Lock()
 
-    def prepare(self, records: dict[str, Record]) -> list[str]:
+    def prepare(self, records: dict[str, Record], marks: list[Any]) -> list[str]:
         keys = sorted(records)
         if self.fail_prepare & set(keys):
             raise OSError(f"upload of {keys} failed")
         with self.lock:
             self.prepared.append(keys)
+        self.marks.append(marks)
         return keys
 
     def commit(self, batches: list[Any]) -> None:
@@ -84,7 +86,8 @@ def test_next_upload_overlaps_the_commit_and_queued_uploads_commit_together() ->
         wait_until(lambda: ["b"] in rec.prepared)  # batch 2 uploads while 1 commits
         t3, e3 = put_async(gc, "c")
         wait_until(lambda: ["c"] in rec.prepared)  # and batch 3 (depth 2: 2 and 3 wait)
-        assert gc.lookup("c") == (VALUE, b"c") and gc.lookup("a") == (VALUE, b"a")
+        # puts that still wait for their commit are not acknowledged: readers do not see them
+        assert gc.lookup("c") is None and gc.lookup("a") is None and gc.pending() == {}
         rec.commit_gate.set()
         for t in (t1, t2, t3):
             t.join(10)
@@ -95,6 +98,29 @@ def test_next_upload_overlaps_the_commit_and_queued_uploads_commit_together() ->
     finally:
         rec.commit_gate.set()
         gc.close()
+
+
+def test_only_acknowledged_records_are_visible_before_their_commit() -> None:
+    """A record submitted without waiting is acknowledged (buffered): reads see it at once. A
+    waiting put's record is seen only once committed, so a failed commit shows nothing."""
+    rec = Recorder()
+    gc = committer(rec, buffered=True)
+    try:
+        rec.commit_gate.clear()
+        gc.submit({"k": (VALUE, b"acked")}, wait=False, mark="m1")
+        t, errors = put_async(gc, "k")  # the same key, waiting: not visible over the acked one
+        wait_until(lambda: rec.in_commit.is_set())
+        assert gc.lookup("k") == (VALUE, b"acked")
+        assert gc.pending() == {"k": (VALUE, b"acked")}
+        rec.fail_commit = True
+        rec.commit_gate.set()
+        t.join(10)
+        assert errors and gc.lookup("k") is None
+    finally:
+        rec.commit_gate.set()
+        rec.fail_commit = False
+        gc.close()
+    assert rec.prepared == [["k"]] and rec.marks == [["m1"]]
 
 
 def test_uploads_wait_when_the_commit_queue_is_full() -> None:
