@@ -699,8 +699,18 @@ class PieceStore:
             iter([(k, -1, 0, None, None) for k, _ in pending])
         ]
         pending_records = dict(pending)
-        for rank, (table_spec, table_index) in enumerate(self.tables.snapshot()):
-            sources.append(self._table_keys(rank, table_spec, table_index, prefix))
+        for attempt in range(2):
+            try:  # every table's key block, fetched now, so that a listing is one view
+                tables = [
+                    self._table_keys(rank, self._keys_of(spec, index), spec, index, prefix)
+                    for rank, (spec, index) in enumerate(self.tables.snapshot())
+                ]
+                break
+            except NotFoundError:
+                if attempt:
+                    raise
+                self.refresh()  # a table left the manifest (compaction, then GC) meanwhile
+        sources.extend(tables)
         last: str | None = None
         for key, _rank, pos, spec, index in heapq.merge(*sources, key=lambda t: (t[0], t[1])):
             if key == last:
@@ -717,7 +727,12 @@ class PieceStore:
             if kind == TOMBSTONE:
                 continue
             if kind == EXTERNAL:
-                found = self._read_at(_Location(spec, index, pos), key)
+                try:
+                    found = self._read_at(_Location(spec, index, pos), key)
+                except NotFoundError:  # a listing outlived the grace period: ask the newest view
+                    with contextlib.suppress(NotFoundError):
+                        yield self.head(key)
+                    continue
                 if found is None:
                     raise CorruptionError(f"table {spec.name}: record {pos} does not hold {key[:80]!r}")
                 payload = found[1]
@@ -725,11 +740,7 @@ class PieceStore:
             else:
                 yield PieceInfo(key, index.value_size(pos), None, spec.name)
 
-    def _table_keys(
-        self, rank: int, spec: TableSpec, index: TableIndex, prefix: str
-    ) -> Iterator[tuple[str, int, int, TableSpec | None, TableIndex | None]]:
-        import bisect
-
+    def _keys_of(self, spec: TableSpec, index: TableIndex) -> Sequence[str]:
         keys = self._keys_cache.get(spec.name)
         if keys is None:
             off, length = keys_span(index)
@@ -738,6 +749,14 @@ class PieceStore:
             if len(self._keys_cache) > 256:
                 self._keys_cache.clear()
             self._keys_cache[spec.name] = keys
+        return keys
+
+    @staticmethod
+    def _table_keys(
+        rank: int, keys: Sequence[str], spec: TableSpec, index: TableIndex, prefix: str
+    ) -> Iterator[tuple[str, int, int, TableSpec | None, TableIndex | None]]:
+        import bisect
+
         start = bisect.bisect_left(keys, prefix) if prefix else 0
         for pos in range(start, len(keys)):
             key = keys[pos]

@@ -392,3 +392,21 @@ def test_concurrent_loop_of_gc_and_large_puts_loses_nothing_acknowledged(url: st
 def test_a_grace_period_too_large_to_be_a_date_is_refused_at_open(grace: float) -> None:
     with pytest.raises(piecestore.ConfigError, match="grace_seconds"):
         piecestore.open("memory://huge-grace", gc_grace_seconds=grace)
+
+
+def test_a_listing_that_outlives_the_grace_period_keeps_going(url: str) -> None:
+    """A lazy listing (and one begun on an old view) whose tables GC deletes meanwhile: it
+    finishes, reporting what the newest view holds, instead of raising NotFoundError."""
+    old_view = {"engine_refresh_interval_seconds": 3600, "gc_grace_seconds": 3600}
+    with handle(url) as writer, handle(url, **old_view) as reader:
+        writer.put_many({f"big{i}": os.urandom(2 * SMALL) for i in range(5)})
+        reader.refresh()
+        listing = reader.list()
+        assert next(listing).key == "big0"
+        newer = {f"big{i}": os.urandom(3 * SMALL) for i in range(5)}
+        writer.put_many(newer)
+        writer.gc()
+        writer.gc()  # grace 0: the first table and objects are gone
+        assert [(p.key, p.size) for p in listing] == [(k, len(newer[k])) for k in sorted(newer)[1:]]
+        # a listing begun on the old view: its key blocks are gone too
+        assert {p.key: p.size for p in reader.list()} == {k: len(v) for k, v in newer.items()}
