@@ -175,27 +175,48 @@ class TableAnalysis:
     keys: list[str]
     dead: np.ndarray[Any, np.dtype[np.bool_]]  # per record: shadowed by a newer table
     record_bytes: np.ndarray[Any, np.dtype[np.int64]]
+    # per record: a tombstone whose key no older table holds, so it shadows nothing any more
+    droppable: np.ndarray[Any, np.dtype[np.bool_]]
+    below: tuple[str, ...] = ()  # the tables older than this one when it was analysed
+    position: int = 0  # in the analysed list, newest first
+    # per tombstone (record position -> position of the oldest analysed table holding its key)
+    reach: dict[int, int] = field(default_factory=dict)
 
     @property
     def dead_bytes(self) -> int:
-        tomb = self.index.kinds == TOMBSTONE
-        return int(self.record_bytes[self.dead | tomb].sum())
+        """Bytes a rewrite would reclaim (a tombstone still shadowing something is not dead)."""
+        return int(self.record_bytes[self.dead | self.droppable].sum())
 
     @property
     def dead_fraction(self) -> float:
         return self.dead_bytes / max(1, int(self.record_bytes.sum()))
 
-    def kept(self, includes_oldest: bool) -> np.ndarray[Any, np.dtype[np.bool_]]:
-        """Per record: whether compaction copies it (tombstones go once nothing older is left)."""
-        dropped_tombstones = (self.index.kinds == TOMBSTONE) & includes_oldest
-        kept: np.ndarray[Any, np.dtype[np.bool_]] = ~self.dead & ~dropped_tombstones
+    def tombstones_hiding_nothing_below(self, last: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """Per record: a tombstone whose key no table older than position ``last`` holds (when
+        a run down to ``last`` is rewritten, older copies inside the run go with it)."""
+        out = np.zeros(self.index.count, np.bool_)
+        for p, reach in self.reach.items():
+            out[p] = reach <= last
+        return out
+
+    def kept(self) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """Per record: whether compaction copies it (not shadowed, not a droppable tombstone)."""
+        kept: np.ndarray[Any, np.dtype[np.bool_]] = ~self.dead & ~self.droppable
         return kept
 
 
 def analyze(
-    store: PieceStore, tables: Sequence[tuple[TableSpec, TableIndex]], *, concurrent: bool = False
+    store: PieceStore,
+    tables: Sequence[tuple[TableSpec, TableIndex]],
+    *,
+    concurrent: bool = False,
+    to_oldest: bool = True,
 ) -> list[TableAnalysis]:
-    """Mark every record shadowed by a newer one, comparing exact keys (never just hashes)."""
+    """Mark every record shadowed by a newer one, comparing exact keys (never just hashes).
+
+    With ``to_oldest`` (``tables`` reach down to the store's oldest table) a tombstone whose
+    key no older table holds is marked droppable: nothing is left for it to hide.
+    """
     def key_block(table: tuple[TableSpec, TableIndex]) -> bytes:
         spec, index = table
         return store.backend.get(table_object(spec.name), offset=index.records_bytes, length=index.keys_bytes)
@@ -210,7 +231,17 @@ def analyze(
         dead = np.fromiter(map(seen.__contains__, keys), dtype=np.bool_, count=len(keys))
         seen.update(keys)
         record_bytes = np.diff(index.offsets).astype(np.int64)
-        out.append(TableAnalysis(spec, index, keys, dead, record_bytes))
+        out.append(TableAnalysis(spec, index, keys, dead, record_bytes, np.zeros(len(keys), np.bool_)))
+    names = [a.spec.name for a in out]
+    deepest: dict[str, int] = {}  # key -> position of the oldest table holding it
+    for i, a in enumerate(out):
+        a.position, a.below = i, tuple(names[i + 1 :])
+        deepest.update(dict.fromkeys(a.keys, i))
+    if to_oldest:
+        for a in out:
+            for p in np.flatnonzero(a.index.kinds == TOMBSTONE).tolist():
+                a.reach[p] = deepest[a.keys[p]]
+            a.droppable = a.tombstones_hiding_nothing_below(a.position)
     return out
 
 
@@ -230,7 +261,7 @@ def stats_of(analysis: Sequence[TableAnalysis]) -> DataStats:
     return s
 
 
-def live_records(a: TableAnalysis, data: bytes, includes_oldest: bool, dead_blobs: list[str]) -> RawRecords:
+def live_records(a: TableAnalysis, data: bytes, dead_blobs: list[str]) -> RawRecords:
     """The records of one table that compaction keeps, verified and ready to copy verbatim.
 
     A table whose content hash matches its name is intact to the byte, so its records are
@@ -242,7 +273,7 @@ def live_records(a: TableAnalysis, data: bytes, includes_oldest: bool, dead_blob
     index, name = a.index, a.spec.name
     view = memoryview(data)
     offsets = index.offsets.astype(np.int64)
-    keep = a.kept(includes_oldest)
+    keep = a.kept()
     for pos in np.flatnonzero(~keep & (index.kinds == EXTERNAL)).tolist():
         start, end = int(offsets[pos]), int(offsets[pos + 1])
         _, _, payload = decode_record(name, view[start:end], expect_key=a.keys[pos])
@@ -379,8 +410,13 @@ class GarbageCollector:
             tables = self.store.tables.snapshot()
             analysis = analyze(self.store, tables)
             report.before = stats_of(analysis)
-            if compact:
-                self._compact(analysis, report, dry_run, lease)
+            # A pass converges: a rewrite can leave tombstones with nothing left to hide (or
+            # small outputs beside each other), so plan again until a round commits nothing.
+            for _round in range(3 if compact and not dry_run else 1 if compact else 0):
+                if not self._compact(analysis, report, dry_run, lease):
+                    break
+                self.store.refresh()
+                analysis = analyze(self.store, self.store.tables.snapshot())
             if not dry_run:
                 lease.renew()
             self.store.refresh()
@@ -417,8 +453,8 @@ class GarbageCollector:
             def behind() -> bool:
                 return len(self.store.manifest.tables) >= piling_up
 
-            analysis = analyze(self.store, run, concurrent=True)
-            self._rewrite(analysis, stop == len(tables), report, behind=behind)
+            analysis = analyze(self.store, run, concurrent=True, to_oldest=stop == len(tables))
+            self._rewrite(analysis, report, behind=behind)
         report.seconds = time.monotonic() - started
         return report
 
@@ -438,31 +474,33 @@ class GarbageCollector:
             runs.append(current)
         return [r for r in runs if len(r) > 1 or r[0].dead_fraction > self.dead_fraction]
 
-    def _compact(self, analysis: list[TableAnalysis], report: GCReport, dry_run: bool, lease: Lease) -> None:
+    def _compact(self, analysis: list[TableAnalysis], report: GCReport, dry_run: bool, lease: Lease) -> int:
+        """Rewrite the planned runs; how many were committed."""
         runs = self.plan_runs(analysis)
-        oldest = analysis[-1].spec.name if analysis else None
         total = sum(len(r) for r in runs)
-        done = 0
+        done = committed = 0
         for run in runs:
             report.compacted_tables += len(run)
             if dry_run:
                 done += len(run)
                 self.progress("compact", done, total)
                 continue
-            includes_oldest = run[-1].spec.name == oldest
+            for a in run:  # tombstones whose key only this run's (dead) records hold go too
+                a.droppable = a.tombstones_hiding_nothing_below(run[-1].position)
             try:
-                self._rewrite(run, includes_oldest, report, renew=lease.renew)
+                self._rewrite(run, report, renew=lease.renew)
+                committed += 1
             except PieceStoreError as e:
                 report.skipped += len(run)
                 report.skipped_reasons.append(f"compaction of {len(run)} tables: {e}")
             done += len(run)
             self.progress("compact", done, total)
             lease.renew()
+        return committed
 
     def _rewrite(
         self,
         run: list[TableAnalysis],
-        includes_oldest: bool,
         report: GCReport,
         *,
         renew: Callable[[], None] | None = None,
@@ -490,7 +528,7 @@ class GarbageCollector:
         # As few outputs as the target size allows, all of one size: the last one's upload is
         # all that cannot overlap the decoding, so it should not be a full target's worth.
         live_bytes = sum(
-            int((a.record_bytes - RECORD_HEADER.size)[a.kept(includes_oldest)].sum()) for a in run
+            int((a.record_bytes - RECORD_HEADER.size)[a.kept()].sum()) for a in run
         )
         cut_bytes = math.ceil(live_bytes / max(1, math.ceil(live_bytes / self.target)))
 
@@ -520,7 +558,7 @@ class GarbageCollector:
                 if renew is not None and time.monotonic() - renewed > self.lease_seconds / 3:
                     renew()
                     renewed = time.monotonic()
-                live = live_records(a, fetches.next(), includes_oldest, dead_blobs)
+                live = live_records(a, fetches.next(), dead_blobs)
                 # An output table is cut after the record that brings it to cut_bytes.
                 key_lens = np.fromiter(map(len, live.keys), np.int64, len(live))
                 ends = np.cumsum(live.value_lens.astype(np.int64) + key_lens)
@@ -546,7 +584,12 @@ class GarbageCollector:
         replaced = [a.spec.name for a in run]
         record = write_pending(self.backend, self.clock(), [table_object(n) for n in replaced] + dead_blobs)
 
+        drops_tombstones = any(bool(a.droppable.any()) for a in run)  # set by _compact per run
+        below = list(run[-1].below)
+        applied = [False]
+
         def swap(m: Manifest) -> Manifest | None:
+            applied[0] = False
             if may_be_swept(stamp, m):
                 return None  # a sweep may have taken our outputs: drop the run, retry later
             names = [t.name for t in m.tables]
@@ -556,14 +599,14 @@ class GarbageCollector:
                 return None
             if names[at : at + len(replaced)] != replaced:
                 return None  # the run is no longer intact: leave this one alone
-            if includes_oldest and at + len(replaced) != len(names):
-                return None  # older tables appeared below: tombstones may still be needed
+            if drops_tombstones and names[at + len(replaced) :] != below:
+                return None  # the tables below changed: a dropped tombstone may hide a key there
             tables = m.tables[:at] + specs + m.tables[at + len(replaced) :]
+            applied[0] = True
             return dataclasses.replace(m, tables=tables)
 
-        before = self.store.manifest.version
-        committed = self.store._commit(swap).manifest
-        if committed.version == before or not ({s.name for s in specs} <= committed.table_names()):
+        self.store._commit(swap)
+        if not applied[0]:
             # not committed: our new tables are referenced by nobody, remove them now
             self.store.tables.discard(s.name for s in specs)
             self.backend.delete_many([table_object(s.name) for s in specs] + [record])
@@ -604,7 +647,13 @@ class GarbageCollector:
         # that left the manifest we read is covered by a record we see here.
         batches = read_pending(self.backend)
         pending_names = {n for b in batches for n in b.names}
-        due = [b for b in batches if scan_time - b.since >= grace]
+        # Pending deletes are judged by the time now, not at the scan: what this pass replaced
+        # is due in this pass when the grace period is 0 (a pass converges).
+        # (No rounding margin here: the grace period of what left the manifest is a courtesy to
+        # readers with old views, who look again when an object is gone; writers never refer
+        # to such names again.)
+        clock_now = self.clock() if batches else scan_time
+        due = [b for b in batches if clock_now - b.since >= self.grace]
         for b in batches:
             if b not in due:
                 waiting = [n for n in b.names if n not in referenced]

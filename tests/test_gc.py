@@ -279,3 +279,38 @@ def test_background_compaction_is_tiered(tmp_path: Any) -> None:
         assert big in names and names[-1] == big
         assert len(names) < 10
         assert len(list(s.list("small/"))) == 40 and len(list(s.list("big/"))) == 2000
+
+
+def test_one_pass_converges_and_a_second_rewrites_nothing(driver: str, store_url: str) -> None:
+    """Grace 0: one gc() reclaims what it replaced (tables and large pieces), drops tombstones
+    that no longer hide anything, and a second gc() on the unchanged store rewrites nothing."""
+    with open_store(
+        driver, store_url, gc_grace_seconds=0, gc_auto_compact=False, engine_small_piece_max_bytes=4096
+    ) as s:
+        values = {f"k/{i:04d}": os.urandom(100) for i in range(400)}
+        s.put_many(values)
+        s.put_many({f"big/{i}": os.urandom(5000) for i in range(3)})
+        s.put_many({f"k/{i:04d}": os.urandom(100) for i in range(0, 400, 2)})  # overwrite half
+        s.delete_many([f"k/{i:04d}" for i in range(1, 400, 2)])  # delete the other half
+        s.delete_many([f"big/{i}" for i in range(3)])
+        first = s.gc()
+        assert first.deleted >= first.compacted_tables + 3, first  # replaced tables and the objects
+        assert first.after.tombstones == 0 and first.after.dead_bytes == 0, first
+        assert {m.name for m in s.backend.list(BLOBS_PREFIX)} == set()
+        second = s.gc()
+        assert (second.compacted_tables, second.written_tables, second.deleted) == (0, 0, 0), second
+        assert sorted(p.key for p in s.list()) == [f"k/{i:04d}" for i in range(0, 400, 2)]
+
+
+def test_tombstones_stay_while_an_older_table_holds_their_key(driver: str, store_url: str) -> None:
+    """A tombstone over a big live table (not rewritten) must stay: it hides the old value."""
+    with open_store(driver, store_url, gc_grace_seconds=0, gc_auto_compact=False) as s:
+        s.put_many({f"k/{i:04d}": os.urandom(2000) for i in range(1000)})  # one big table, mostly live
+        s.delete("k/0001")
+        s.gc()
+        with pytest.raises(piecestore.NotFoundError):
+            s.get("k/0001")
+        second = s.gc()
+        assert second.written_tables == 0, second
+        with pytest.raises(piecestore.NotFoundError):
+            s.get("k/0001")
