@@ -11,7 +11,7 @@ import builtins
 import io
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -95,6 +95,23 @@ def coalesce_ranges(ranges: Sequence[tuple[int, int]], gap: int, max_request: in
             cur = RangeGroup(off, end, [(i, off, length)])
             groups.append(cur)
     return groups
+
+
+def read_exact(read: Callable[[int], bytes], n: int) -> bytes:
+    """``n`` bytes from ``read``, or fewer only at the end of the stream (``b""``): pipes and
+    sockets return short reads, so one read is never taken for the whole."""
+    first = read(n)
+    if len(first) >= n or not first:
+        return bytes(first)
+    parts = [first]
+    got = len(first)
+    while got < n:
+        more = read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def validate_name(name: object) -> str:

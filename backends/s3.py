@@ -36,6 +36,7 @@ from typing import Any, BinaryIO, TypeVar
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from piecestore.backends.base import Backend, Capabilities, IfMatch, ObjectMeta, PutMode, validate_name
+from piecestore.backends.base import read_exact as base_read_exact
 from piecestore.backends.credentials import (
     ResolvedCredentials,
     env_region,
@@ -286,20 +287,14 @@ def part_size(number: int, base: int) -> int:
 
 def read_exact(f: BinaryIO, n: int) -> bytes:
     """Read ``n`` bytes or up to EOF (raw files and sockets may return short reads)."""
-    first = f.read(n)
-    if first is None:
-        raise InvalidValueError("non-blocking file objects are not supported; pass a blocking one")
-    if len(first) == n or not first:
-        return bytes(first)
-    chunks = [first]
-    got = len(first)
-    while got < n:
-        more = f.read(n - got)
-        if not more:
-            break
-        chunks.append(more)
-        got += len(more)
-    return b"".join(chunks)
+
+    def read(size: int) -> bytes:
+        chunk = f.read(size)
+        if chunk is None:
+            raise InvalidValueError("non-blocking file objects are not supported; pass a blocking one")
+        return chunk
+
+    return base_read_exact(read, n)
 
 
 def split_upload(data: memoryview | BinaryIO, threshold: int) -> tuple[bytes | None, Iterator[bytes]]:

@@ -142,6 +142,6 @@ class SweptError(ConflictError):
     commits anew, or gives up with this error, having acknowledged nothing.
     """
 
-    def __init__(self, message: str, sweep: int) -> None:
+    def __init__(self, message: str, manifest: Manifest) -> None:
         super().__init__(message)
-        self.sweep = sweep  # the sweep number seen: uploads begun after this are safe from it
+        self.manifest = manifest  # the one seen: uploads begun after it are safe from its sweeps

@@ -177,7 +177,6 @@ class TableAnalysis:
     record_bytes: np.ndarray[Any, np.dtype[np.int64]]
     # per record: a tombstone whose key no older table holds, so it shadows nothing any more
     droppable: np.ndarray[Any, np.dtype[np.bool_]]
-    below: tuple[str, ...] = ()  # the tables older than this one when it was analysed
     position: int = 0  # in the analysed list, newest first
     # per tombstone (record position -> position of the oldest analysed table holding its key)
     reach: dict[int, int] = field(default_factory=dict)
@@ -232,10 +231,9 @@ def analyze(
         seen.update(keys)
         record_bytes = np.diff(index.offsets).astype(np.int64)
         out.append(TableAnalysis(spec, index, keys, dead, record_bytes, np.zeros(len(keys), np.bool_)))
-    names = [a.spec.name for a in out]
     deepest: dict[str, int] = {}  # key -> position of the oldest table holding it
     for i, a in enumerate(out):
-        a.position, a.below = i, tuple(names[i + 1 :])
+        a.position = i
         deepest.update(dict.fromkeys(a.keys, i))
     if to_oldest:
         for a in out:
@@ -487,8 +485,9 @@ class GarbageCollector:
                 continue
             for a in run:  # tombstones whose key only this run's (dead) records hold go too
                 a.droppable = a.tombstones_hiding_nothing_below(run[-1].position)
+            below = [a.spec.name for a in analysis[run[-1].position + 1 :]]
             try:
-                self._rewrite(run, report, renew=lease.renew)
+                self._rewrite(run, report, below=below, renew=lease.renew)
                 committed += 1
             except PieceStoreError as e:
                 report.skipped += len(run)
@@ -503,13 +502,16 @@ class GarbageCollector:
         run: list[TableAnalysis],
         report: GCReport,
         *,
+        below: Sequence[str] = (),
         renew: Callable[[], None] | None = None,
         behind: Callable[[], bool] | None = None,
     ) -> None:
         """Stream the run's live records into new tables of the target size, then swap them in.
 
-        ``renew`` (the GC lease's) is called every third of the lease, since a long run, or one
-        slowed down to yield to writers, may outlast the lease itself. ``behind``: see Pacer.
+        ``below``: the tables older than the run when it was analysed; a run that drops
+        tombstones is swapped in only if they are still exactly those. ``renew`` (the GC
+        lease's) is called every third of the lease, since a long run, or one slowed down to
+        yield to writers, may outlast the lease itself. ``behind``: see Pacer.
 
         Memory stays bounded (one input table, one output group, a few uploads in flight)
         however long the run; the next input is fetched and outputs are uploaded while the
@@ -585,7 +587,7 @@ class GarbageCollector:
         record = write_pending(self.backend, self.clock(), [table_object(n) for n in replaced] + dead_blobs)
 
         drops_tombstones = any(bool(a.droppable.any()) for a in run)  # set by _compact per run
-        below = list(run[-1].below)
+        below = list(below)
         applied = [False]
 
         def swap(m: Manifest) -> Manifest | None:

@@ -6,6 +6,7 @@ import io
 from collections.abc import Mapping
 from typing import Any, BinaryIO, Protocol
 
+from piecestore.backends.base import read_exact as base_read_exact
 from piecestore.errors import InvalidKeyError, InvalidValueError
 
 MAX_KEY_BYTES = 1024
@@ -127,18 +128,7 @@ def read_some(key: str, stream: Readable, n: int) -> bytes:
 
 def read_exact(key: str, stream: Readable, n: int) -> bytes:
     """``n`` bytes, or fewer only at the end of the stream: pipes and sockets return short reads."""
-    first = read_some(key, stream, n)
-    if len(first) >= n or not first:
-        return first
-    parts = [first]
-    got = len(first)
-    while got < n:
-        more = read_some(key, stream, n - got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+    return base_read_exact(lambda size: read_some(key, stream, size), n)
 
 
 def check_read(key: str, chunk: object) -> bytes:

@@ -144,7 +144,7 @@ class PieceStore:
         stamps: list[UploadStamp] = []
         info = self._prepare(key, data, records, stamps)
         with foreground_write():
-            self._committer.submit(records, wait=self._must_wait(), mark=_earliest(stamps))
+            self._committer.submit(records, wait=self._must_wait(), mark=stamps[0] if stamps else None)
         return info
 
     def put_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[PieceInfo]:
@@ -163,7 +163,8 @@ class PieceStore:
             raise
         if records:
             with foreground_write():
-                self._committer.submit(records, wait=self._must_wait(), urgent=True, mark=_earliest(stamps))
+                mark = _earliest(stamps[0], stamps[1:]) if stamps else None
+                self._committer.submit(records, wait=self._must_wait(), urgent=True, mark=mark)
         return infos
 
     def delete(self, key: str) -> None:
@@ -281,9 +282,7 @@ class PieceStore:
 
         ``marks`` are the upload stamps of the batch's large pieces.
         """
-        stamp = self.session.stamp(self._view.manifest)
-        for mark in marks:
-            stamp = stamp.earliest(mark)
+        stamp = _earliest(self.session.stamp(self._view.manifest), marks)
         built = self._build_tables(records)
         # The committer waits for the uploads: the flusher goes on to build the next batch.
         uploads = [self._write_pool.submit(self._upload, t) for t in built]
@@ -316,9 +315,7 @@ class PieceStore:
                 for upload in batch.uploads:
                     upload.result()
             for _attempt in range(SWEPT_RETRIES):
-                stamp = batches[0].stamp
-                for batch in batches[1:]:
-                    stamp = stamp.earliest(batch.stamp)
+                stamp = _earliest(batches[0].stamp, [batch.stamp for batch in batches[1:]])
                 newest_first = tuple(spec for batch in reversed(batches) for spec in batch.specs)
 
                 def add_tables(m: Manifest, stamp: UploadStamp = stamp,
@@ -326,7 +323,7 @@ class PieceStore:
                     if tables and tables[0].name in {t.name for t in m.tables}:
                         return None  # landed already: a retried request whose answer was lost
                     if may_be_swept(stamp, m):
-                        raise SweptError("a GC sweep may have reached this commit's uploads", m.sweep)
+                        raise SweptError("a GC sweep may have reached this commit's uploads", m)
                     # Within one batch later groups hold later keys only: their order is immaterial.
                     return dataclasses.replace(m, tables=tables + m.tables)
 
@@ -334,7 +331,7 @@ class PieceStore:
                     self._commit(add_tables)
                     break
                 except SweptError as swept:
-                    replaced = [self._upload_again(batch, swept.sweep) for batch in batches]
+                    replaced = [self._upload_again(batch, swept.manifest) for batch in batches]
                     for old in batches:
                         self._drop_uploaded(old.records)
                     self.tables.discard(made)
@@ -351,9 +348,9 @@ class PieceStore:
         if self.settings.gc.auto_compact:
             self._maybe_auto_compact()
 
-    def _upload_again(self, batch: _Uploaded, sweep: int) -> _Uploaded:
-        """The batch's objects made anew under new names, begun after sweep ``sweep`` was seen."""
-        stamp = self.session.stamp(dataclasses.replace(self._view.manifest, sweep=sweep))
+    def _upload_again(self, batch: _Uploaded, seen: Manifest) -> _Uploaded:
+        """The batch's objects made anew under new names, begun after ``seen``'s sweeps."""
+        stamp = self.session.stamp(seen)
         records = {
             key: (kind, self._copy_external(key, payload)) if kind == EXTERNAL else (kind, payload)
             for key, (kind, payload) in batch.records.items()
@@ -436,9 +433,7 @@ class PieceStore:
     def _maybe_refresh(self) -> None:
         """Refresh a view older than the refresh interval, or than the grace period: past that,
         GC may have deleted objects the view names, and the caches would hide it."""
-        interval = self.settings.engine.refresh_interval_seconds
-        grace = self.settings.gc.grace_seconds
-        max_age = grace if interval < 0 else min(interval, grace)
+        max_age = min(self.settings.engine.refresh_interval_seconds, self.settings.gc.grace_seconds)
         if time.monotonic() - self._view.read_at > max_age:
             self.refresh()
 
@@ -844,11 +839,11 @@ class _Uploaded:
     stamp: UploadStamp  # when the earliest of its uploads (large pieces included) began
 
 
-def _earliest(stamps: Sequence[UploadStamp]) -> UploadStamp | None:
-    out: UploadStamp | None = None
-    for stamp in stamps:
-        out = stamp.earliest(out)
-    return out
+def _earliest(first: UploadStamp, others: Iterable[UploadStamp]) -> UploadStamp:
+    """The stamp covering every upload of a batch (see UploadStamp.earliest)."""
+    for stamp in others:
+        first = first.earliest(stamp)
+    return first
 
 
 class _StaleView(Exception):

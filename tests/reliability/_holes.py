@@ -16,8 +16,6 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -27,7 +25,7 @@ from typing import Any
 
 from piecestore import CorruptionError, NotFoundError, PieceStore
 from tests.reliability._procs import WorkerProc
-from tests.reliability._support import REPO, open_store
+from tests.reliability._support import open_store
 
 HEADER = 8  # bytes of op id at the start of every value
 State = tuple[int, int] | None  # (op id, size) of a put, or None: absent
@@ -286,22 +284,10 @@ def check_observations(history: History, paths: Iterable[Path]) -> Observations:
 class HolesProc(WorkerProc):
     """A tests.reliability.holes_worker process; it starts its work when told ``go``."""
 
+    MODULE = "tests.reliability.holes_worker"
+
     def __init__(self, cfg: dict[str, Any], workdir: Path, name: str) -> None:
-        self.cfg = cfg
-        self.err_path = workdir / f"{name}.stderr"
-        self.err = open(self.err_path, "wb")  # noqa: SIM115 - closed in finish()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        env.pop("PIECESTORE_CONFIG", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability.holes_worker", json.dumps(cfg)],
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.err,
-            env=env,
-        )
-        self.started = time.monotonic()
+        super().__init__(cfg, workdir, name, module=self.MODULE, stdin=True)
 
     def go(self) -> None:
         assert self.proc.stdin is not None

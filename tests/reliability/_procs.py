@@ -16,9 +16,18 @@ from tests.reliability._support import REPO
 
 
 class WorkerProc:
-    """One ``tests.reliability.worker`` process, its stderr kept in a file."""
+    """One worker process (``tests.reliability.worker`` unless ``module`` says another), its
+    stderr kept in a file; with ``stdin`` the parent can send it lines."""
 
-    def __init__(self, cfg: dict[str, Any], workdir: Path, name: str) -> None:
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        workdir: Path,
+        name: str,
+        *,
+        module: str = "tests.reliability.worker",
+        stdin: bool = False,
+    ) -> None:
         self.cfg = cfg
         self.err_path = workdir / f"{name}.stderr"
         self.err = open(self.err_path, "wb")  # noqa: SIM115 - closed in finish()
@@ -26,8 +35,9 @@ class WorkerProc:
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         env.pop("PIECESTORE_CONFIG", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability.worker", json.dumps(cfg)],
+            [sys.executable, "-m", module, json.dumps(cfg)],
             cwd=REPO,
+            stdin=subprocess.PIPE if stdin else None,
             stdout=subprocess.PIPE,
             stderr=self.err,
             env=env,

@@ -41,8 +41,6 @@ import json
 import os
 import random
 import select
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -55,7 +53,7 @@ from piecestore.sharding import Router
 from piecestore.sharding.router import coerce_targets, targets_fingerprint
 from piecestore.sharding.store import ShardedStore, read_layout
 from tests.reliability._holes import History, HolesProc, Log, Op, check_final, check_observations, make_value
-from tests.reliability._support import REPO, SOAK, SOAK_SECONDS
+from tests.reliability._support import SOAK, SOAK_SECONDS
 from tests.reliability.reshard_worker import open_sharded
 
 SMALL = 64 * 1024
@@ -87,22 +85,10 @@ WRITER: dict[str, Any] = {
 class ShardProc(HolesProc):
     """A tests.reliability.reshard_worker process: READY, then ``go``; ``stop`` ends a worker."""
 
-    def __init__(self, cfg: dict[str, Any], workdir: Path, name: str) -> None:  # HolesProc's, other module
-        self.cfg = cfg
-        self.err_path = workdir / f"{name}.stderr"
-        self.err = open(self.err_path, "wb")  # noqa: SIM115 - closed in finish()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        env.pop("PIECESTORE_CONFIG", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability.reshard_worker", json.dumps(cfg)],
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.err,
-            env=env,
-        )
-        self.started = time.monotonic()
+    MODULE = "tests.reliability.reshard_worker"
+
+    def __init__(self, cfg: dict[str, Any], workdir: Path, name: str) -> None:
+        super().__init__(cfg, workdir, name)
         self.buf = b""
 
     def send(self, line: str) -> None:
